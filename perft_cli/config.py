@@ -1,0 +1,254 @@
+"""The typed recipe: declared once, strict (unknown keys are errors naming the dotted key), frozen.
+
+``load_recipe(path, overrides)`` reads YAML, applies ``--set section.key=value`` overrides (values parsed as YAML),
+validates, and resolves local paths. Defaults are the paper's reference setup (method.md) unless noted.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from perft_cli.errors import RecipeError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(description="Hub id or local directory of a supported MoE causal LM.")
+    quantization: Literal["none", "nf4"] = Field("none", description="nf4: 4-bit NF4 backbone, routed experts too.")
+    double_quant: bool = Field(False, description="nf4 only: also quantize the quantization constants.")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Dtype of the frozen base.")
+    device_map: str | None = Field(None, description="'auto' spreads one model over all GPUs (model parallel).")
+    trust_remote_code: bool = Field(False, description="Run the hub repo's modelling code; off unless you trust it.")
+    attn_implementation: str | None = Field(None, description="eager | sdpa | flash_attention_2; None: default.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+
+
+class AdapterConfig(_Section):
+    variant: Literal["perft-r", "perft-e", "perft-d", "perft-s", "lora"] = Field(
+        "perft-r", description="perft-r routed, perft-e embedded, perft-d dense, perft-s single, lora baseline."
+    )
+    expert: Literal["lora", "parallel"] = Field("lora", description="Form of each PEFT expert.")
+    num_experts: int = Field(4, ge=1, description="N: PEFT experts per MoE layer (perft-r, perft-d).")
+    top_k: int = Field(2, ge=1, description="K: PEFT experts per token (perft-r).")
+    rank: int = Field(16, ge=1, description="r: bottleneck width of each PEFT expert.")
+    alpha: float | None = Field(None, gt=0, description="LoRA scale numerator; None means 2 * rank.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | None = Field(
+        None, description="lora baseline: module names to adapt; None: the family's q/v projections."
+    )
+    router_aux_loss_coef: float = Field(0.01, ge=0, description="perft-r: coefficient of its router's balance loss.")
+    base_aux_loss_coef: float | None = Field(
+        None, ge=0, description="The base router's balance loss; None: the model's own router_aux_loss_coef."
+    )
+    init: Literal["reference", "zero"] = Field("reference", description="zero: up projections start at exactly 0.")
+    renormalize: bool = Field(True, description="perft-r: renormalise the top-K weights to sum to 1.")
+    scale_by_base_router: bool = Field(
+        False, description="perft-r: reproduce the reference OLMoE code (scale by the base router's weights)."
+    )
+    impl: Literal["auto", "dense", "grouped"] = Field("auto", description="Adapter compute path; auto measures best.")
+
+    @model_validator(mode="after")
+    def _check(self) -> AdapterConfig:
+        if self.variant == "perft-r" and self.top_k > self.num_experts:
+            raise ValueError(f"adapter.top_k={self.top_k} is larger than adapter.num_experts={self.num_experts}")
+        return self
+
+
+class DataConfig(_Section):
+    train: str | None = Field(None, description="LLM-Adapters JSON, JSON Lines, or a hub dataset id.")
+    format: Literal["auto", "json", "jsonl", "hub"] = Field("auto", description="auto: by file suffix / hub id.")
+    split: str = Field("train", description="Hub dataset split.")
+    fields: dict[str, str] | None = Field(
+        None, description="Map of instruction/input/output/answer to the dataset's column names."
+    )
+    cutoff_len: int = Field(256, ge=8, description="Maximum tokens per example.")
+    val_size: int = Field(120, ge=0, description="Examples held out for the eval loss (fixed seed).")
+    val_seed: int = Field(42, description="Seed of the held-out split.")
+    train_on_inputs: bool = Field(True, description="Loss on the whole sequence (reference) or the response only.")
+    add_eos: bool = Field(True, description="Append EOS when it fits in cutoff_len.")
+    group_by_length: bool = Field(False, description="Batch examples of similar length together.")
+
+
+class TrainConfig(_Section):
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate (OLMoE 1e-5, Mixtral 2e-5 in the paper).")
+    epochs: float = Field(3, gt=0, description="Passes over the training data (unless max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Examples per optimizer step, over all processes.")
+    micro_batch_size: int = Field(16, ge=1, description="Examples per forward pass per process.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps, then linear decay to 0.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; None turns it off.")
+    eval_every: int = Field(80, ge=1, description="Eval loss on the held-out split every N steps.")
+    save_every: int = Field(80, ge=1, description="Checkpoint every N steps.")
+    log_every: int = Field(1, ge=1, description="Write metrics.jsonl every N steps.")
+    seed: int = Field(42, description="Seed for adapter init, data order and dropout.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field([], description="Extra trackers through Accelerate.")
+    collapse_share: float = Field(0.9, gt=0, le=1, description="Warn when one PERFT expert takes this load share.")
+
+    @field_validator("lr")
+    @classmethod
+    def _finite_lr(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+        return self
+
+
+class EvalConfig(_Section):
+    tasks: list[str] = Field([], description="Task names (method.md); empty: all tasks of data.train's kind.")
+    data_dir: str | None = Field(None, description="Folder with <task>/test.json files (LLM-Adapters layout).")
+    batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
+    num_beams: int = Field(4, ge=1, description="Beam search width (paper: 4).")
+    max_new_tokens: int | None = Field(None, ge=1, description="None: 4 for commonsense, 256 for arithmetic.")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N examples per task.")
+
+
+class Recipe(_Section):
+    model: ModelConfig
+    adapter: AdapterConfig = AdapterConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    output_dir: str | None = Field(None, description="Run directory; None: runs/<recipe file name>.")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelConfig,
+    "adapter": AdapterConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_keys(raw: dict[str, Any], where: str) -> None:
+    top = set(SECTIONS) | {"output_dir"}
+    for key, value in raw.items():
+        if key not in top:
+            raise RecipeError(f"{where}: unknown key {key!r}{_suggest(key, top)}; sections are {sorted(top)}")
+        if key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise RecipeError(f"{where}: {key!r} must be a mapping of keys, got {type(value).__name__}")
+            fields = SECTIONS[key].model_fields
+            for sub in value:
+                if sub not in fields:
+                    raise RecipeError(f"{where}: unknown key '{key}.{sub}'{_suggest(str(sub), fields)}")
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``section.key=value`` override; the value is parsed as YAML (``4``, ``true``, ``[a, b]``)."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set adapter.top_k=4")
+    key, _, text = assignment.partition("=")
+    parts = key.strip().split(".")
+    if parts == ["output_dir"]:
+        raw["output_dir"] = yaml.safe_load(text)
+        return
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise RecipeError(f"--set {key!r}: expected SECTION.KEY with a section of {sorted(SECTIONS)}")
+    section, field = parts
+    fields = SECTIONS[section].model_fields
+    if field not in fields:
+        raise RecipeError(f"--set: unknown key '{section}.{field}'{_suggest(field, fields)}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {key}: value {text!r} is not valid YAML ({e.problem})") from None
+    if not isinstance(raw.get(section), dict):
+        raw[section] = {}
+    raw[section][field] = value
+
+
+def _format_validation(e: ValidationError, where: str) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+    return f"{where}: {loc + ': ' if loc else ''}{msg}{got}"
+
+
+def _resolve_path(value: str | None, base: Path) -> str | None:
+    """A relative local path is taken relative to the recipe file when it exists there, else as given."""
+    if not value:
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    if (base / p).exists():
+        return str((base / p).resolve())
+    if p.exists():
+        return str(p.resolve())
+    return value  # a hub id, or a path that does not exist (the loader names it)
+
+
+def recipe_from_dict(raw: dict[str, Any], where: str = "recipe", base: Path | None = None) -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: the recipe must be a YAML mapping with sections {sorted(SECTIONS)}")
+    _check_keys(raw, where)
+    if "model" not in raw or not raw["model"]:
+        raise RecipeError(f"{where}: missing section 'model' (at least model.name_or_path)")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(_format_validation(e, where)) from None
+    if base is None:
+        return recipe
+    return recipe.model_copy(
+        update={
+            "model": recipe.model.model_copy(update={"name_or_path": _resolve_path(recipe.model.name_or_path, base)}),
+            "data": recipe.data.model_copy(update={"train": _resolve_path(recipe.data.train, base)}),
+            "eval": recipe.eval.model_copy(update={"data_dir": _resolve_path(recipe.eval.data_dir, base)}),
+        }
+    )
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, validate and resolve a recipe file. Every problem is a one-line RecipeError."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} not found; pass the path of a YAML recipe (see recipes/)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"recipe {path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {path}: not a text file") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path}: the recipe must be a YAML mapping with sections {sorted(SECTIONS)}")
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    recipe = recipe_from_dict(raw, f"recipe {path}", base=path.resolve().parent)
+    if recipe.output_dir is None:
+        recipe = recipe.model_copy(update={"output_dir": str(Path("runs") / path.stem)})
+    return recipe

@@ -1,0 +1,107 @@
+"""Load the frozen MoE backbone and its tokenizer (safetensors only; no remote code unless the recipe allows it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from perft_cli.arch import MoEFamily, family_for
+from perft_cli.config import ModelConfig
+from perft_cli.errors import ModelError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _looks_local(name: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else that does not exist is a mistyped local path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def load_config(cfg: ModelConfig) -> tuple[PretrainedConfig, MoEFamily]:
+    """The model's config and MoE family, or a one-line ModelError (missing path, no config, unsupported type)."""
+    name = cfg.name_or_path
+    path = Path(name).expanduser()
+    if path.exists() and not (path / "config.json").is_file():
+        raise ModelError(f"model directory {name!r} has no config.json; point model.name_or_path at a model folder")
+    if not path.exists() and _looks_local(name):
+        raise ModelError(f"model path {name!r} does not exist; check model.name_or_path")
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelError(
+                f"{name!r} needs custom code from its repository; set model.trust_remote_code: true only if you "
+                "trust it"
+            ) from None
+        model_type = _raw_model_type(path)
+        if model_type is not None:
+            family_for(model_type)  # raises the "unsupported family" error with the supported list
+        raise ModelError(f"cannot read the config of {name!r}: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise ModelError(
+            f"cannot load {name!r}: {str(e).splitlines()[0]} (no hub access? use a local directory)"
+        ) from None
+    return config, family_for(getattr(config, "model_type", None))
+
+
+def _raw_model_type(path: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, MoEFamily]:
+    """Load the frozen base as the recipe asks: dtype, nf4 (experts included), device map. Weights: safetensors."""
+    _, family = load_config(cfg)
+    dtype = DTYPES[cfg.dtype]
+    if cfg.quantization == "nf4":
+        from perft_cli.quant import load_model_nf4
+
+        model = load_model_nf4(
+            cfg.name_or_path,
+            dtype=dtype,
+            double_quant=cfg.double_quant,
+            device_map=cfg.device_map,
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
+        )
+    else:
+        kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
+        if cfg.revision:
+            kwargs["revision"] = cfg.revision
+        if cfg.device_map:
+            kwargs["device_map"] = cfg.device_map
+        if cfg.attn_implementation:
+            kwargs["attn_implementation"] = cfg.attn_implementation
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+        except OSError as e:
+            raise ModelError(f"cannot load the weights of {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, family
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer with a pad token (EOS when the model has none)."""
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the tokenizer of {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def meta_model(config: PretrainedConfig) -> PreTrainedModel:
+    """The model built on the meta device from its config alone: shapes and names, no memory, no weights."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)

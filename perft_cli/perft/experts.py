@@ -1,0 +1,131 @@
+"""A bank of N PEFT experts stored as stacked parameters and computed without a Python loop over experts.
+
+One PEFT expert maps D -> D through a bottleneck of width r (method.md, "The PEFT expert"):
+- ``lora``:     Delta(h) = (alpha / r) * B A dropout(h)
+- ``parallel``: Delta(h) = W2 silu(W1 dropout(h))
+The bank holds all N down projections as ``perft_A [N, D, r]`` and all up projections as ``perft_B [N, r, D]``:
+every expert's parameters take part in every step (DDP never sees an unused parameter, no ZeRO hang on an expert
+that got no tokens), and two compute paths share them:
+
+- ``dense``: all N bottlenecks in one matmul ``[T, D] @ [D, N*r]``, zeroed by the routing weights, then one up
+  projection ``[T, N*r] @ [N*r, D]``. Cost grows with N*r, but it is two plain GEMMs.
+- ``grouped``: the (token, expert) pairs sorted by expert and pushed through ``torch.nn.functional.grouped_mm``
+  (what transformers uses for the base experts, forward and backward, CPU and CUDA). Cost grows with K*r, not N.
+
+``auto`` picks dense while N*r <= ``DENSE_MAX_WIDTH`` and grouped beyond. Measured by benchmarks/adapter_overhead.py
+(tiny OLMoE shape, CPU, forward+backward): dense wins while the bank is narrow, because sorting and gathering the
+pairs costs a fixed amount per token; grouped wins once N*r passes ~128 and stays flat as N grows.
+
+Dropout: one mask per token, shared by the experts that token visits, so both paths give identical results.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DENSE_MAX_WIDTH = 128  # N * r up to which the dense masked path is used (see module docstring)
+FORMS = ("lora", "parallel")
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [P, Din] sorted by group, w [G, Din, Dout], offs [G] int32 cumulative ends -> [P, Dout]."""
+    if x.is_cuda and x.dtype != torch.bfloat16:
+        # CUDA grouped GEMM kernels take bf16 (torch docs); the fp32 master weights stay fp32.
+        return F.grouped_mm(x.bfloat16(), w.bfloat16(), offs=offs).to(x.dtype)
+    return F.grouped_mm(x, w, offs=offs)
+
+
+class ExpertBank(nn.Module):
+    """N PEFT experts of one form, rank r, on hidden size D, as stacked float32 parameters."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        rank: int,
+        form: str = "lora",
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        init: str = "reference",
+        impl: str = "auto",
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if form not in FORMS:
+            raise ValueError(f"unknown PEFT expert form {form!r}; expected one of {FORMS}")
+        if impl not in ("auto", "dense", "grouped"):
+            raise ValueError(f"unknown compute path {impl!r}; expected auto, dense or grouped")
+        self.num_experts, self.hidden_size, self.rank = num_experts, hidden_size, rank
+        self.form, self.impl = form, impl
+        # lora scales by alpha / r (reference scripts: alpha = 2r); the parallel adapter has no scale.
+        self.scale = (alpha if alpha is not None else 2 * rank) / rank if form == "lora" else 1.0
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        kw = dict(dtype=torch.float32, device=device)
+        self.perft_A = nn.Parameter(torch.empty(num_experts, hidden_size, rank, **kw))  # [N, D, r]
+        self.perft_B = nn.Parameter(torch.empty(num_experts, rank, hidden_size, **kw))  # [N, r, D]
+        self.reset_parameters(init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "reference") -> None:
+        """Reference init: A ~ N(0, 2/r), B ~ N(0, 1e-6^2), so training starts at (almost) the frozen model.
+
+        ``zero`` sets B = 0 exactly, for tests that need the attached model to equal the frozen one bit for bit.
+        """
+        if self.perft_A.is_meta:
+            return
+        self.perft_A.normal_(0.0, math.sqrt(2.0 / self.rank))
+        if init == "zero":
+            self.perft_B.zero_()
+        elif init == "reference":
+            self.perft_B.normal_(0.0, 1e-6)
+        else:
+            raise ValueError(f"unknown init {init!r}; expected reference or zero")
+
+    def _bottleneck(self, z: torch.Tensor) -> torch.Tensor:
+        return F.silu(z) if self.form == "parallel" else z * self.scale
+
+    def use_dense(self) -> bool:
+        if self.impl != "auto":
+            return self.impl == "dense"
+        return self.num_experts * self.rank <= DENSE_MAX_WIDTH
+
+    def forward(
+        self, h: torch.Tensor, index: torch.Tensor | None = None, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """sum over the chosen experts of weight * Delta_j(h).
+
+        h: [T, D]. index, weights: [T, K] (routed), or both None for all N experts with weight 1 (PERFT-D/S).
+        Returns [T, D] in float32.
+        """
+        x = self.dropout(h.to(self.perft_A.dtype))  # [T, D]
+        if index is None or self.use_dense():
+            return self._dense(x, index, weights)
+        return self._grouped(x, index, weights)
+
+    def _dense(self, x: torch.Tensor, index: torch.Tensor | None, weights: torch.Tensor | None) -> torch.Tensor:
+        T, (N, D, r) = x.shape[0], self.perft_A.shape
+        z = x @ self.perft_A.permute(1, 0, 2).reshape(D, N * r)  # [T, N*r]
+        z = self._bottleneck(z).view(T, N, r)  # [T, N, r]
+        if index is not None:
+            gate = torch.zeros(T, N, dtype=z.dtype, device=z.device).scatter(1, index, weights.to(z.dtype))  # [T, N]
+            z = z * gate[:, :, None]  # [T, N, r]
+        return z.reshape(T, N * r) @ self.perft_B.reshape(N * r, D)  # [T, D]
+
+    def _grouped(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        T, K = index.shape
+        flat = index.reshape(-1)  # [T*K] expert of each (token, slot) pair
+        order = flat.argsort(stable=True)  # [T*K] pairs sorted by expert
+        offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)  # [N]
+        xs = x.index_select(0, order // K)  # [T*K, D] token rows in expert order
+        z = self._bottleneck(_grouped_mm(xs, self.perft_A, offs))  # [T*K, r]
+        ys = _grouped_mm(z.contiguous(), self.perft_B, offs)  # [T*K, D]
+        y = torch.empty_like(ys).index_copy(0, order, ys)  # [T*K, D] back in (token, slot) order
+        # Summing the K slots of a token in a fixed order keeps the result deterministic (no atomics).
+        return (y.view(T, K, -1) * weights.to(y.dtype)[:, :, None]).sum(1)  # [T, D]
+
+    def extra_repr(self) -> str:
+        return f"N={self.num_experts}, D={self.hidden_size}, r={self.rank}, form={self.form}, impl={self.impl}"

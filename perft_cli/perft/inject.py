@@ -1,0 +1,130 @@
+"""Attach / detach PERFT adapters, freeze the base by prefix, the adapter-only state dict, parameter accounting.
+
+Every trainable parameter's name contains ``perft_`` (``...mlp.perft_adapter.experts.perft_A``), so "freeze the
+rest", "save the adapters" and "count trainable" are name filters, as in peft.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from perft_cli.perft.block import PerftAdapter, PerftConfig, RoutingRecorder
+
+PREFIX = "perft_"
+ATTR = "perft_adapter"
+
+
+class BlockRef(Protocol):
+    """What attach needs to know about one MoE block (perft_cli.arch.MoEBlockRef satisfies it)."""
+
+    layer: int
+    block: nn.Module
+    router: nn.Module
+    num_experts: int
+    top_k: int
+    hidden_size: int
+
+
+def _block_hook(block: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    adapter: PerftAdapter = block.perft_adapter
+    h = args[0] if args else kwargs["hidden_states"]  # [B, S, D] or [T, D]: the FFN sub-layer input
+    captured = adapter._captured
+    adapter._captured = None
+    if adapter.needs_base_routing and captured is None:
+        raise RuntimeError(f"layer {adapter.layer}: the frozen router did not run inside its block")
+    base_weights, base_index = captured if captured is not None else (None, None)
+    hidden = output[0] if isinstance(output, tuple) else output
+    delta = adapter(h, base_weights, base_index).to(hidden.dtype).view(hidden.shape)
+    return (hidden + delta, *output[1:]) if isinstance(output, tuple) else hidden + delta
+
+
+def _router_hook(router: nn.Module, args: tuple, output: Any) -> None:
+    # Routers return (logits [T, E], topk_weights [T, k], topk_index [T, k]) with the family's scaling applied.
+    # Handed to the block hook of the same call and cleared there: no routing state outlives one block forward.
+    router._perft_owner._captured = (output[1], output[2])
+
+
+def attach(
+    model: nn.Module,
+    blocks: Iterable[BlockRef],
+    config: PerftConfig,
+    recorder: RoutingRecorder | None = None,
+) -> list[PerftAdapter]:
+    """Add a PERFT adapter beside every given MoE block and freeze everything else. Returns the adapters."""
+    if any(hasattr(ref.block, ATTR) for ref in blocks):
+        raise RuntimeError("PERFT adapters are already attached to this model; detach them first")
+    adapters = []
+    for ref in blocks:
+        device = ref.router.weight.device
+        adapter = PerftAdapter(config, ref.hidden_size, ref.num_experts, ref.top_k, ref.layer, recorder, device)
+        adapter._captured = None
+        handles = [ref.block.register_forward_hook(_block_hook, with_kwargs=True)]
+        if adapter.needs_base_routing:
+            object.__setattr__(ref.router, "_perft_owner", adapter)  # plain attribute: not a submodule
+            handles.append(ref.router.register_forward_hook(_router_hook))
+        adapter._handles = handles
+        object.__setattr__(adapter, "_router", ref.router)  # a reference, not a submodule (stays frozen)
+        ref.block.perft_adapter = adapter
+        adapters.append(adapter)
+    freeze_base(model)
+    return adapters
+
+
+def detach(model: nn.Module) -> int:
+    """Remove every PERFT adapter and its hooks; the model is the frozen base again. Returns how many."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, ATTR, None), PerftAdapter)]
+    for _, block in found:
+        adapter = getattr(block, ATTR)
+        for handle in adapter._handles:
+            handle.remove()
+        if hasattr(adapter._router, "_perft_owner"):
+            object.__delattr__(adapter._router, "_perft_owner")
+        delattr(block, ATTR)
+    return len(found)
+
+
+def attached_adapters(model: nn.Module) -> list[PerftAdapter]:
+    return [m for m in model.modules() if isinstance(m, PerftAdapter)]
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Only ``perft_`` parameters train; the whole base, its routers included, is frozen."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(PREFIX in name)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights only, by full parameter name, detached and contiguous on the CPU."""
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if PREFIX in n}
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved adapter weights in; any missing, unexpected or mis-shaped tensor is an error naming it."""
+    params = {n: p for n, p in model.named_parameters() if PREFIX in n}
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise KeyError(f"adapter weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != state[name].shape:
+                got, want = tuple(state[name].shape), tuple(p.shape)
+                raise KeyError(f"adapter weight {name} has shape {got}, expected {want}")
+            p.copy_(state[name].to(p.device, p.dtype))
+
+
+def count_params(model: nn.Module) -> dict[str, Any]:
+    """Trainable and activated-per-token adapter parameters, in total and per layer (method.md accounting)."""
+    adapters = attached_adapters(model)
+    per_layer = [
+        {"layer": a.layer, "trainable": a.trainable_params(), "activated": a.activated_params()} for a in adapters
+    ]
+    return {
+        "trainable": sum(x["trainable"] for x in per_layer),
+        "activated": sum(x["activated"] for x in per_layer),
+        "per_layer": per_layer,
+    }

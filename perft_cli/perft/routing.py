@@ -1,0 +1,80 @@
+"""Routing math as pure functions: top-k routing, the Switch load-balancing loss, routing statistics.
+
+Dimensions: T tokens, N experts, K experts per token. Routing runs in float32: softmax over bf16 logits loses the
+small differences between experts that decide the top-k, and the load-balancing loss sums many tiny products.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def topk_route(logits: torch.Tensor, k: int, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """PERFT-R routing (method.md): p = softmax(logits) over all N in float32, top-K, optionally renormalised.
+
+    logits: [T, N]. Returns (weights [T, K] float32, index [T, K] int64).
+    """
+    probs = F.softmax(logits.float(), dim=-1)  # [T, N]
+    weights, index = torch.topk(probs, k, dim=-1)  # [T, K], [T, K]
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, index
+
+
+def load_balancing_loss(
+    logits: Sequence[torch.Tensor],
+    num_experts: int,
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Switch-style load-balancing loss ``N * sum_i f_i P_i`` over all layers' router logits, padding masked.
+
+    Same definition as transformers' ``load_balancing_loss_func`` (which the base model uses for its own router),
+    so the PERFT router's aux loss is on the same scale as the model's: f_i counts top-K assignments per token
+    (summing to K) and P_i is the mean router probability, both averaged over the non-padding tokens of all layers.
+    logits: one [T, N] tensor per layer; attention_mask: [B, S] with B*S = T, 1 for real tokens.
+    """
+    device = logits[0].device
+    mask = None if attention_mask is None else attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=device)  # [N]
+    prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)  # [N]
+    rows = torch.zeros((), dtype=torch.float32, device=device)
+    for layer_logits in logits:
+        probs = F.softmax(layer_logits.float(), dim=-1)  # [T, N]
+        index = torch.topk(probs, top_k, dim=-1).indices  # [T, K]
+        weight = torch.ones(index.shape[0], device=device) if mask is None else mask  # [T]
+        counts = counts.scatter_add(0, index.reshape(-1), weight.repeat_interleave(top_k))
+        prob_sum = prob_sum + (probs * weight[:, None]).sum(0)
+        rows = rows + weight.sum()
+    rows = rows.clamp_min(1.0)
+    return num_experts * torch.sum((counts / rows) * (prob_sum / rows))
+
+
+def expert_counts(index: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens routed to each expert. index: [T, K]; mask: [T] (1 = count this token). Returns [N] int64."""
+    flat = index.reshape(-1)  # [T*K]
+    if mask is None:
+        return torch.bincount(flat, minlength=num_experts)
+    weights = mask.reshape(-1, 1).expand_as(index).reshape(-1).to(torch.int64)  # [T*K]
+    return torch.zeros(num_experts, dtype=torch.int64, device=index.device).scatter_add(0, flat, weights)
+
+
+def load_stats(counts: torch.Tensor) -> dict[str, float]:
+    """Summary of one layer's expert load: shares, normalised entropy, coefficient of variation, max share, dead."""
+    c = counts.double()
+    total = c.sum().clamp_min(1.0)
+    share = c / total  # [N]
+    n = c.numel()
+    nz = share[share > 0]
+    entropy = float(-(nz * nz.log()).sum() / torch.log(torch.tensor(float(n)))) if n > 1 else 1.0
+    mean = c.mean()
+    cv = float(c.std(unbiased=False) / mean) if mean > 0 else 0.0
+    return {
+        "entropy": entropy,
+        "cv": cv,
+        "max_share": float(share.max()),
+        "dead": int((c == 0).sum()),
+    }

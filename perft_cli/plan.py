@@ -1,0 +1,67 @@
+"""``perft plan``: parameter accounting and a training-memory estimate from config.json alone (meta device)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from perft_cli.adapters import accounting, attach_adapter
+from perft_cli.config import Recipe
+from perft_cli.modeling import load_config, meta_model
+
+ADAMW_BYTES = 4 + 4 + 4 + 4  # fp32 weight, gradient, exp_avg, exp_avg_sq per trainable parameter
+
+
+def activation_bytes(config, micro_batch: int, seq_len: int, checkpointing: bool) -> int:
+    """Rough activation memory of one micro-batch (bf16), the logits included.
+
+    Per layer and token a transformer block keeps about 34*D bytes of activations at 16 bits (Korthikanti et al.,
+    2022, without the attention-score term, which SDPA does not store); an MoE layer adds its k experts' intermediate
+    activations (gate, up, act: 3 * k * I values). With activation checkpointing only each layer's input (2*D bytes
+    per token) is kept, plus one layer recomputed at a time. The logits and their gradient are fp32 [B, S, V].
+    """
+    tokens = micro_batch * seq_len
+    d = config.hidden_size
+    layers = config.num_hidden_layers
+    k = getattr(config, "num_experts_per_tok", 1) or 1
+    inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    per_layer = tokens * (34 * d + 2 * 3 * k * inter)
+    logits = 2 * tokens * config.vocab_size * 4
+    if checkpointing:
+        return layers * tokens * 2 * d + per_layer + logits
+    return layers * per_layer + logits
+
+
+def run_plan(recipe: Recipe) -> dict[str, Any]:
+    """Build the model on the meta device, attach the recipe's adapter, count and estimate. No weights read."""
+    from perft_cli.quant import estimate_bytes
+
+    config, family = load_config(recipe.model)
+    model = meta_model(config)
+    attach_adapter(model, recipe.adapter, family)
+    acc = accounting(model, recipe.adapter, family)
+    weights = estimate_bytes(model, quantization=recipe.model.quantization, double_quant=recipe.model.double_quant)
+    optimizer = acc["trainable_params"] * ADAMW_BYTES
+    acts = activation_bytes(
+        config, recipe.train.micro_batch_size, recipe.data.cutoff_len, recipe.train.gradient_checkpointing
+    )
+    memory = {
+        "weights_bytes": weights["total_bytes"],
+        "weights_bf16_bytes": weights["bf16_bytes"],
+        "adapter_optimizer_bytes": optimizer,
+        "activation_bytes": acts,
+        "total_bytes": weights["total_bytes"] + optimizer + acts,
+        "groups": weights.get("groups") or {k: v for k, v in weights.items() if isinstance(v, dict)},
+        "assumes": {
+            "quantization": recipe.model.quantization,
+            "micro_batch_size": recipe.train.micro_batch_size,
+            "seq_len": recipe.data.cutoff_len,
+            "gradient_checkpointing": recipe.train.gradient_checkpointing,
+        },
+    }
+    return {
+        "model": recipe.model.name_or_path,
+        "model_type": config.model_type,
+        "family": family.display,
+        **acc,
+        "memory": memory,
+    }
