@@ -19,6 +19,8 @@ not start with ``.tmp``. Loading never unpickles: tensors come from safetensors,
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,61 @@ def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
             f"{str(path)!r} holds no complete checkpoint ({ADAPTER_FILE} + {RECIPE_FILE}); has the run saved yet?"
         )
     return found
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(
+    target: Path,
+    *,
+    adapter: dict[str, torch.Tensor],
+    recipe: Recipe,
+    state: dict[str, Any],
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    jsons: dict[str, Any] | None = None,
+) -> Path:
+    """Write a complete checkpoint atomically: into ``.tmp-<name>`` beside it, fsync, then rename into place.
+
+    A crash or SIGKILL at any moment leaves either the previous state or the complete new checkpoint, never a
+    partial one (a stale ``.tmp-*`` directory is ignored by readers and removed by the next save).
+    ``tensors`` maps extra file names to tensor dicts (saved as safetensors); ``jsons`` maps file names to JSON data.
+    """
+    from safetensors.torch import save_file
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(adapter, str(tmp / ADAPTER_FILE), metadata={"format": "pt", "producer": "perft"})
+    for name, data in (tensors or {}).items():
+        save_file(data, str(tmp / name), metadata={"format": "pt"})
+    for name, data in (jsons or {}).items():
+        (tmp / name).write_text(json.dumps(data, indent=2))
+    (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks the checkpoint complete
+    for f in tmp.iterdir():
+        with open(f, "rb+") as fh:
+            os.fsync(fh.fileno())
+    if target.exists():  # re-saving a step (after a resume): move the old one out of the way first
+        old = target.parent / f".tmp-old-{target.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    _fsync_dir(target.parent)
+    return target
 
 
 def load_checkpoint_recipe(ckpt: Path) -> Recipe:

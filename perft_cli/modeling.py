@@ -7,10 +7,14 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import logging as hf_logging
 
 from perft_cli.arch import MoEFamily, family_for
 from perft_cli.config import ModelConfig
 from perft_cli.errors import ModelError
+
+# Our own progress output replaces transformers' per-load weight bars.
+hf_logging.disable_progress_bar()
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random MoE model directories of every family and hand-made adapter checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data" / "llm-adapters"
+CONFIGS = Path(__file__).resolve().parent / "data" / "configs"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A function family -> directory of a saved tiny random model (safetensors + byte tokenizer), cached."""
+    from perft_cli.tiny import save_tiny
+
+    cache: dict[str, Path] = {}
+
+    def make(family: str = "olmoe") -> Path:
+        if family not in cache:
+            cache[family] = save_tiny(tmp_path_factory.mktemp(f"tiny-{family}"), family, seed=0)
+        return cache[family]
+
+    return make
+
+
+def make_checkpoint(ckpt_dir: Path, model_dir: Path, variant: str = "perft-r", seed: int = 1, **adapter) -> Path:
+    """A checkpoint with random (non-trivial) adapter weights for ``model_dir``, in the run-directory layout."""
+    from perft_cli.adapters import adapter_state, attach_adapter
+    from perft_cli.checkpoint import write_checkpoint
+    from perft_cli.config import recipe_from_dict
+    from perft_cli.modeling import load_model
+
+    adapter = {"variant": variant, "num_experts": 4, "top_k": 2, "rank": 4, **adapter}
+    recipe = recipe_from_dict(
+        {"model": {"name_or_path": str(model_dir), "dtype": "float32"}, "adapter": adapter, "output_dir": "unused"}
+    )
+    model, family = load_model(recipe.model)
+    torch.manual_seed(seed)
+    attach_adapter(model, recipe.adapter, family)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and ("perft_B" in name or "lora_B" in name):
+                p.normal_(0.0, 0.05)  # move away from the near-zero init so the adapter changes the output
+    return write_checkpoint(
+        ckpt_dir, adapter=adapter_state(model, variant), recipe=recipe, state={"step": 0, "handmade": True}
+    )
