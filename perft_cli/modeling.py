@@ -105,7 +105,7 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def meta_model(config: PretrainedConfig) -> PreTrainedModel:
-    """The model built on the meta device from its config alone: shapes and names, no memory, no weights."""
+def meta_model(config: PretrainedConfig, dtype: torch.dtype = torch.bfloat16) -> PreTrainedModel:
+    """The model built on the meta device from its config alone: shapes, names and dtypes, no memory, no weights."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -6,9 +6,10 @@ from typing import Any
 
 from perft_cli.adapters import accounting, attach_adapter
 from perft_cli.config import Recipe
-from perft_cli.modeling import load_config, meta_model
+from perft_cli.modeling import DTYPES, load_config, meta_model
 
-ADAMW_BYTES = 4 + 4 + 4 + 4  # fp32 weight, gradient, exp_avg, exp_avg_sq per trainable parameter
+# fp32 gradient, exp_avg and exp_avg_sq per trainable parameter (its fp32 weight is in the "adapters" weight group).
+ADAMW_BYTES = 4 + 4 + 4
 
 
 def activation_bytes(config, micro_batch: int, seq_len: int, checkpointing: bool) -> int:
@@ -36,7 +37,7 @@ def run_plan(recipe: Recipe) -> dict[str, Any]:
     from perft_cli.quant import estimate_bytes
 
     config, family = load_config(recipe.model)
-    model = meta_model(config)
+    model = meta_model(config, DTYPES[recipe.model.dtype])
     attach_adapter(model, recipe.adapter, family)
     acc = accounting(model, recipe.adapter, family)
     weights = estimate_bytes(model, quantization=recipe.model.quantization, double_quant=recipe.model.double_quant)
@@ -47,7 +48,7 @@ def run_plan(recipe: Recipe) -> dict[str, Any]:
     memory = {
         "weights_bytes": weights["total_bytes"],
         "weights_bf16_bytes": weights["bf16_bytes"],
-        "adapter_optimizer_bytes": optimizer,
+        "adapter_grad_optimizer_bytes": optimizer,
         "activation_bytes": acts,
         "total_bytes": weights["total_bytes"] + optimizer + acts,
         "groups": weights.get("groups") or {k: v for k, v in weights.items() if isinstance(v, dict)},

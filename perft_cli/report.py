@@ -33,7 +33,7 @@ def print_plan(plan: dict[str, Any]) -> None:
     for group, g in mem["groups"].items():
         m.add_row(f"weights: {group}", human_bytes(g["bytes"]))
     m.add_row("[bold]weights[/]", human_bytes(mem["weights_bytes"]))
-    m.add_row("adapter weights, grads, AdamW", human_bytes(mem["adapter_optimizer_bytes"]))
+    m.add_row("adapter gradients + AdamW state", human_bytes(mem["adapter_grad_optimizer_bytes"]))
     m.add_row("activations (rough)", human_bytes(mem["activation_bytes"]))
     m.add_row("[bold]total[/]", human_bytes(mem["total_bytes"]))
     a = mem["assumes"]

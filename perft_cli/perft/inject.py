@@ -61,6 +61,7 @@ def attach(
     for ref in blocks:
         device = ref.router.weight.device
         adapter = PerftAdapter(config, ref.hidden_size, ref.num_experts, ref.top_k, ref.layer, recorder, device)
+        adapter.train(ref.block.training)  # follow the model's mode (dropout off in eval)
         adapter._captured = None
         handles = [ref.block.register_forward_hook(_block_hook, with_kwargs=True)]
         if adapter.needs_base_routing:

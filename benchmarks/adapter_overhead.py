@@ -1,0 +1,158 @@
+"""Forward+backward cost of PERFT adapters against the frozen base and a per-expert Python loop, in one run.
+
+Run:  .venv/bin/python benchmarks/adapter_overhead.py [--repeats 7] [--threads 2]
+
+Model: a tiny OLMoE-shaped MoE (hidden 256, intermediate 512, 4 layers, 16 experts top-4, vocab 1024), batch
+4 x 128 tokens, fp32 on the CPU. Each timing is the median of interleaved repeats of one training step's
+forward + backward (the base alone: gradient with respect to the input embeddings, so the backward pass is as long
+as with adapters). "overhead" = step time - base step time. Printed ratios are the targets of the core issue:
+at equal K and r, overhead(N=64) / overhead(N=2) <= 1.5, and the stacked bank beats the per-expert loop for N >= 8.
+A second table compares the dense and grouped compute paths of the stacked bank (what DENSE_MAX_WIDTH is set from),
+and a third does PERFT-E on a 64-expert top-8 model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from perft_cli.arch import find_moe_blocks
+from perft_cli.perft import PerftConfig, attach, detach
+from perft_cli.perft.experts import DENSE_MAX_WIDTH, ExpertBank
+from perft_cli.tiny import tiny_model
+
+
+def loop_forward(self: ExpertBank, h, index=None, weights=None):
+    """The per-expert loop that MoE LoRA tools use: select each expert's tokens, run it, scatter back."""
+    x = self.dropout(h.to(self.perft_A.dtype))  # [T, D]
+    out = torch.zeros_like(x)
+    if index is None:
+        for e in range(self.num_experts):
+            out = out + self._bottleneck(x @ self.perft_A[e]) @ self.perft_B[e]
+        return out
+    for e in range(self.num_experts):
+        tok, slot = torch.where(index == e)  # tokens routed to expert e
+        if tok.numel() == 0:
+            continue
+        y = self._bottleneck(x[tok] @ self.perft_A[e]) @ self.perft_B[e]  # [t_e, D]
+        out = out.index_add(0, tok, y * weights[tok, slot, None])
+    return out
+
+
+def make_model(experts: int, top_k: int):
+    return tiny_model(
+        "olmoe",
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        vocab_size=1024,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
+
+
+def one_step(model, ids) -> float:
+    """Seconds for one forward + backward; the gradient flows to the input embeddings (and any adapter)."""
+    inputs = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # [B, S, D]
+    t0 = time.perf_counter()
+    model(inputs_embeds=inputs).logits.float().pow(2).mean().backward()
+    dt = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return dt
+
+
+def timed(model, ids, cfg: PerftConfig | None, impl: str) -> float:
+    """One step with the adapter of cfg attached (None: the base alone) and its bank computed by impl."""
+    if cfg is None:
+        return one_step(model, ids)
+    adapters = attach(model, find_moe_blocks(model), cfg)
+    original = ExpertBank.forward
+    try:
+        if impl == "loop":
+            ExpertBank.forward = loop_forward
+        else:
+            for a in adapters:
+                a.experts.impl = impl
+        return one_step(model, ids)
+    finally:
+        ExpertBank.forward = original
+        detach(model)
+
+
+def compare(model, ids, candidates: dict[str, tuple[PerftConfig | None, str]], repeats: int) -> dict[str, float]:
+    """Median step time of each candidate, measured round-robin so that load changes on a noisy machine hit
+    every candidate alike (one warm-up round first)."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for i in range(repeats + 1):
+        for name, (cfg, impl) in candidates.items():
+            dt = timed(model, ids, cfg, impl)
+            if i:
+                times[name].append(dt)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1024, (4, 128))
+
+    model = make_model(16, 4)
+    r, k = 16, 2
+    ns = (2, 8, 32, 64)
+    cands: dict[str, tuple[PerftConfig | None, str]] = {"base": (None, "")}
+    for n in ns:
+        cfg = PerftConfig(variant="perft-r", num_experts=n, top_k=k, rank=r, dropout=0.0)
+        cands[f"stacked{n}"] = (cfg, "auto")
+        cands[f"loop{n}"] = (cfg, "loop")
+    t = compare(model, ids, cands, args.repeats)
+    base = t["base"]
+    print(f"PERFT-R, K={k}, r={r}, lora experts; OLMoE-shaped 16x top-4, 4 layers, 4x128 tokens, fp32 CPU")
+    print(f"frozen base forward+backward: {base * 1e3:.1f} ms (median of {args.repeats}, round-robin)")
+    print(f"{'N':>4} {'stacked ms':>11} {'overhead ms':>12} {'loop ms':>9} {'loop ovh ms':>12} {'loop/stacked':>13}")
+    for n in ns:
+        st, lp = t[f"stacked{n}"], t[f"loop{n}"]
+        print(
+            f"{n:>4} {st * 1e3:>11.1f} {(st - base) * 1e3:>12.1f} {lp * 1e3:>9.1f} {(lp - base) * 1e3:>12.1f} "
+            f"{lp / st:>12.2f}x"
+        )
+    ovh2, ovh64 = t["stacked2"] - base, t["stacked64"] - base
+    print(
+        f"overhead ratio N=64 / N=2: {ovh64 / ovh2:.2f} (target <= 1.5); "
+        f"stacked faster than loop for N >= 8: {all(t[f'stacked{n}'] < t[f'loop{n}'] for n in ns if n >= 8)}"
+    )
+
+    print(f"\ncompute paths of the stacked bank (PERFT-R, K=2): step ms; auto = dense while N*r <= {DENSE_MAX_WIDTH}")
+    print(f"{'N':>4} {'r':>4} {'N*r':>5} {'dense':>8} {'grouped':>8}  auto picks")
+    shapes = ((2, 16), (4, 16), (8, 16), (16, 16), (64, 16))
+    cands = {"base": (None, "")}
+    for n, rank in shapes:
+        cfg = PerftConfig(variant="perft-r", num_experts=n, top_k=k, rank=rank, dropout=0.0)
+        cands[f"dense{n}"] = (cfg, "dense")
+        cands[f"grouped{n}"] = (cfg, "grouped")
+    t = compare(model, ids, cands, args.repeats)
+    for n, rank in shapes:
+        pick = "dense" if ExpertBank(n, 8, rank, device="meta").use_dense() else "grouped"
+        print(f"{n:>4} {rank:>4} {n * rank:>5} {t[f'dense{n}'] * 1e3:>8.1f} {t[f'grouped{n}'] * 1e3:>8.1f}  {pick}")
+
+    model = make_model(64, 8)
+    cfg = PerftConfig(variant="perft-e", rank=r, dropout=0.0)
+    t = compare(model, ids, {"base": (None, ""), "stacked": (cfg, "auto"), "loop": (cfg, "loop")}, args.repeats)
+    base, st, lp = t["base"], t["stacked"], t["loop"]
+    print(f"\nPERFT-E, r={r}, on a 64-expert top-8 OLMoE-shaped model (step ms)")
+    print(
+        f"base {base * 1e3:.1f}, stacked {st * 1e3:.1f} (overhead {(st - base) * 1e3:.1f}), "
+        f"loop {lp * 1e3:.1f} (overhead {(lp - base) * 1e3:.1f}); loop/stacked {lp / st:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""The PERFT core against plain loop-based references of method.md's equations, and on every MoE family."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from perft_cli.arch import find_moe_blocks
+from perft_cli.perft import (
+    PerftConfig,
+    RoutingRecorder,
+    adapter_state_dict,
+    attach,
+    attached_adapters,
+    count_params,
+    detach,
+    load_adapter_state_dict,
+    load_balancing_loss,
+)
+from perft_cli.perft.experts import ExpertBank
+from perft_cli.tiny import FAMILIES, tiny_model
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loop-based references, written straight from method.md, one token and one expert at a time.
+
+
+def ref_delta(h_t: torch.Tensor, A: torch.Tensor, B: torch.Tensor, form: str, scale: float) -> torch.Tensor:
+    """One PEFT expert on one token: lora (alpha/r) B A h, or parallel W2 silu(W1 h). A: [D, r], B: [r, D]."""
+    z = h_t @ A
+    z = F.silu(z) if form == "parallel" else z * scale
+    return z @ B
+
+
+def ref_perft(block, adapter, h: torch.Tensor) -> torch.Tensor:
+    """MoE(h) + the variant's sum, token by token (h: [T, D])."""
+    cfg = adapter.config
+    bank = adapter.experts
+    A, B, scale = bank.perft_A, bank.perft_B, bank.scale
+    _, base_w, base_i = adapter._router(h)  # the frozen router's own top-k (family scaling included)
+    rows = []
+    for t in range(h.shape[0]):
+        h_t = h[t].float()
+        acc = torch.zeros_like(h_t)
+        if cfg.variant == "perft-r":
+            p = torch.softmax(h_t @ adapter.perft_router.weight.T, dim=-1)
+            w, idx = torch.topk(p, adapter.top_k)
+            if cfg.renormalize:
+                w = w / w.sum()
+            for j in range(adapter.top_k):
+                acc = acc + w[j] * ref_delta(h_t, A[idx[j]], B[idx[j]], bank.form, scale)
+        elif cfg.variant == "perft-e":
+            for j in range(base_i.shape[1]):
+                e = int(base_i[t, j])
+                acc = acc + base_w[t, j].float() * ref_delta(h_t, A[e], B[e], bank.form, scale)
+        else:
+            for j in range(bank.num_experts):
+                acc = acc + ref_delta(h_t, A[j], B[j], bank.form, scale)
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+def _block_with_adapter(family: str, cfg: PerftConfig, seed: int = 0):
+    model = tiny_model(family, seed=seed)
+    ref = find_moe_blocks(model)[0]
+    torch.manual_seed(seed + 1)
+    (adapter,) = attach(ref.block, [ref], cfg)
+    with torch.no_grad():
+        adapter.experts.perft_B.normal_(0.0, 0.1)  # a visible adapter contribution
+    return ref, adapter
+
+
+def _call(block, h3):
+    out = block(h3)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("form", ["lora", "parallel"])
+@pytest.mark.parametrize(
+    "variant,n,k,r,impl",
+    [
+        ("perft-r", 2, 1, 4, "auto"),
+        ("perft-r", 4, 2, 8, "dense"),
+        ("perft-r", 8, 2, 4, "grouped"),
+        ("perft-r", 16, 4, 16, "grouped"),
+        ("perft-r", 6, 6, 2, "dense"),
+        ("perft-e", 0, 0, 4, "grouped"),
+        ("perft-e", 0, 0, 8, "dense"),
+        ("perft-d", 3, 0, 4, "auto"),
+        ("perft-s", 1, 0, 8, "auto"),
+    ],
+)
+def test_variant_matches_loop_reference(variant, n, k, r, impl, form):
+    cfg = PerftConfig(
+        variant=variant,
+        expert_form=form,
+        num_experts=max(n, 1),
+        top_k=max(k, 1),
+        rank=r,
+        alpha=3 * r,
+        dropout=0.0,
+        impl=impl,
+    )
+    ref, adapter = _block_with_adapter("olmoe", cfg)
+    torch.manual_seed(3)
+    h = torch.randn(2, 7, ref.hidden_size, requires_grad=True)
+    got = _call(ref.block, h)  # [2, 7, D]
+    grads = torch.autograd.grad(got.pow(2).sum(), [h, *adapter.parameters()])
+
+    h2 = h.detach().clone().requires_grad_(True)
+    handles = adapter._handles
+    for hd in handles:
+        hd.remove()  # the plain frozen block, without the hook
+    frozen = _call(ref.block, h2)
+    want = frozen + ref_perft(ref.block, adapter, h2.reshape(-1, ref.hidden_size)).view_as(frozen)
+    want_grads = torch.autograd.grad(want.pow(2).sum(), [h2, *adapter.parameters()])
+
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads, want_grads, strict=True):
+        # Float tolerance relative to the gradient's scale (with K = 1 the router gradient is exactly 0 in the
+        # equation, and both sides hold rounding noise of the size of the other gradients).
+        scale = max(1.0, max(x.abs().max().item() for x in want_grads))
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "gpt_oss", "mixtral"])
+def test_perft_e_uses_the_family_router_weights(family):
+    """PERFT-E reads the frozen router's weights as the family computes them (scaling, renormalisation)."""
+    cfg = PerftConfig(variant="perft-e", rank=4, dropout=0.0)
+    ref, adapter = _block_with_adapter(family, cfg)
+    h = torch.randn(1, 5, ref.hidden_size)
+    with torch.no_grad():
+        got = _call(ref.block, h)
+        for hd in adapter._handles:
+            hd.remove()
+        want = _call(ref.block, h) + ref_perft(ref.block, adapter, h.reshape(-1, ref.hidden_size)).view(1, 5, -1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_and_grouped_paths_agree():
+    torch.manual_seed(0)
+    bank = ExpertBank(12, 64, 8, "lora")
+    torch.nn.init.normal_(bank.perft_B, std=0.1)
+    h = torch.randn(40, 64)
+    idx = torch.stack([torch.randperm(12)[:3] for _ in range(40)])
+    w = torch.rand(40, 3)
+    bank.impl = "dense"
+    dense = bank(h, idx, w)
+    bank.impl = "grouped"
+    torch.testing.assert_close(bank(h, idx, w), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_init_statistics():
+    bank = ExpertBank(4, 256, 16, "lora")
+    assert math.isclose(bank.perft_A.std().item(), math.sqrt(2 / 16), rel_tol=0.05)
+    assert bank.perft_B.abs().max().item() < 1e-5
+    assert bank.perft_A.dtype == torch.float32
+    zero = ExpertBank(4, 256, 16, "lora", init="zero")
+    assert torch.count_nonzero(zero.perft_B) == 0
+
+
+def test_scale_by_base_router_option():
+    """The reference OLMoE quirk: PERFT-R experts scaled by the base router's weights in the same rank slot."""
+    cfg = PerftConfig(variant="perft-r", num_experts=4, top_k=2, rank=4, dropout=0.0, scale_by_base_router=True)
+    ref, adapter = _block_with_adapter("olmoe", cfg)
+    h = torch.randn(6, ref.hidden_size)
+    _, base_w, _ = ref.router(h)
+    logits = adapter.perft_router(h)
+    idx = torch.topk(torch.softmax(logits, -1), 2).indices
+    want = sum(
+        base_w[:, j : j + 1] * torch.stack([ref_delta(h[t], *_ab(adapter, idx[t, j]), "lora", 2.0) for t in range(6)])
+        for j in range(2)
+    )
+    torch.testing.assert_close(adapter(h, base_w, None), want, rtol=1e-5, atol=1e-6)
+
+
+def _ab(adapter, e):
+    return adapter.experts.perft_A[e], adapter.experts.perft_B[e]
+
+
+def test_load_balancing_loss_equals_transformers():
+    from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
+
+    torch.manual_seed(0)
+    logits = tuple(torch.randn(2 * 9, 6) for _ in range(3))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :4] = 0
+    for m in (None, mask):
+        want = load_balancing_loss_func(logits, 6, 2, m)
+        torch.testing.assert_close(load_balancing_loss(list(logits), 6, 2, m), want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every family: attach changes nothing at init, trains only perft_ parameters, and round-trips.
+
+VARIANTS = ["perft-r", "perft-e", "perft-d", "perft-s"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_attach_train_roundtrip(family):
+    torch.manual_seed(0)
+    model = tiny_model(family)
+    x = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        frozen = model(x).logits
+    for variant in VARIANTS:
+        blocks = find_moe_blocks(model)
+        # zero init: exactly the frozen function
+        attach(model, blocks, PerftConfig(variant=variant, init="zero", num_experts=4, top_k=2, rank=4))
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, frozen), (family, variant)
+        detach(model)
+        # reference init (B ~ N(0, 1e-6^2)): within the near-zero init. The tiny random models' residual stream is
+        # small (embeddings ~ N(0, 0.02^2)) and the final norm rescales it, so 1e-6 weights move logits by ~1e-3.
+        recorder = RoutingRecorder()
+        adapters = attach(model, find_moe_blocks(model), PerftConfig(variant=variant, num_experts=4, rank=4), recorder)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x).logits, frozen, rtol=0, atol=1e-2)
+        # gradients reach only perft_ parameters (the router included among the frozen)
+        model.train()
+        recorder.start()
+        out = model(x, labels=x, output_router_logits=True)
+        recorder.stop()
+        loss = out.loss
+        if variant == "perft-r":
+            assert len(recorder.logits) == len(blocks)
+            loss = loss + 0.01 * load_balancing_loss([lg for _, lg in recorder.logits], 4, 2)
+        loss.backward()
+        for name, p in model.named_parameters():
+            assert (p.grad is not None) == ("perft_" in name), (family, variant, name)
+            assert p.requires_grad == ("perft_" in name)
+        model.eval()
+        # save / load round trip reproduces the logits
+        with torch.no_grad():
+            for a in adapters:
+                a.experts.perft_B.normal_(0.0, 0.05)
+            adapted = model(x).logits
+        assert not torch.allclose(adapted, frozen)
+        state = adapter_state_dict(model)
+        assert state and all("perft_" in k for k in state)
+        model.zero_grad(set_to_none=True)
+        detach(model)
+        assert not attached_adapters(model)
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, frozen)
+        attach(model, find_moe_blocks(model), PerftConfig(variant=variant, num_experts=4, rank=4))
+        load_adapter_state_dict(model, state)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x).logits, adapted, rtol=0, atol=0)
+        detach(model)
+
+
+def test_stacked_parameters_all_receive_gradients():
+    """Every expert's parameters get a gradient each step (DDP needs no find_unused_parameters)."""
+    model = tiny_model("olmoe")
+    attach(model, find_moe_blocks(model), PerftConfig(variant="perft-r", num_experts=8, top_k=1, rank=4))
+    model.train()
+    model(torch.randint(0, 256, (1, 3)), labels=torch.randint(0, 256, (1, 3))).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "perft_" in n]
+    assert grads and all(g is not None for g in grads)
+
+
+def test_count_params_formulas():
+    model = tiny_model("olmoe")  # D = 64, E = 8, k = 2, 2 MoE layers
+    D, r = 64, 4
+    expect = {
+        "perft-r": (2 * (4 * 2 * D * r + 4 * D), 2 * (2 * 2 * D * r + 4 * D)),
+        "perft-e": (2 * 8 * 2 * D * r, 2 * 2 * 2 * D * r),
+        "perft-d": (2 * 4 * 2 * D * r, 2 * 4 * 2 * D * r),
+        "perft-s": (2 * 2 * D * r, 2 * 2 * D * r),
+    }
+    for variant, (trainable, activated) in expect.items():
+        attach(model, find_moe_blocks(model), PerftConfig(variant=variant, num_experts=4, top_k=2, rank=r))
+        c = count_params(model)
+        assert (c["trainable"], c["activated"]) == (trainable, activated), variant
+        assert c["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+        detach(model)
+
+
+def test_double_attach_is_refused():
+    model = tiny_model("olmoe")
+    attach(model, find_moe_blocks(model), PerftConfig())
+    with pytest.raises(RuntimeError, match="already attached"):
+        attach(model, find_moe_blocks(model), PerftConfig())
