@@ -284,3 +284,42 @@ def test_double_attach_is_refused():
     attach(model, find_moe_blocks(model), PerftConfig())
     with pytest.raises(RuntimeError, match="already attached"):
         attach(model, find_moe_blocks(model), PerftConfig())
+
+
+def test_float32_adapter_on_bf16_base():
+    model = tiny_model("mixtral", dtype=torch.bfloat16)
+    attach(model, find_moe_blocks(model), PerftConfig(variant="perft-r", num_experts=4, rank=4))
+    adapter_params = [p for n, p in model.named_parameters() if "perft_" in n]
+    assert adapter_params and all(p.dtype == torch.float32 for p in adapter_params)
+    model.train()
+    out = model(torch.randint(0, 256, (1, 6)), labels=torch.randint(0, 256, (1, 6)))
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapter_params)
+
+
+def test_perft_e_does_not_recompute_the_router():
+    """The frozen router runs once per block call with PERFT-E attached (its output is reused through a hook)."""
+    model = tiny_model("olmoe")
+    blocks = find_moe_blocks(model)
+    calls = []
+    for b in blocks:
+        b.router.register_forward_hook(lambda m, i, o: calls.append(m))
+    x = torch.randint(0, 256, (1, 5))
+    with torch.no_grad():
+        model(x)
+        before = len(calls)
+        attach(model, find_moe_blocks(model), PerftConfig(variant="perft-e", rank=4))
+        model(x)
+    assert before == len(blocks) and len(calls) == 2 * before
+
+
+def test_dropout_is_active_in_training_only():
+    model = tiny_model("olmoe")
+    (adapter, *_) = attach(model, find_moe_blocks(model), PerftConfig(variant="perft-s", rank=4, dropout=0.5))
+    with torch.no_grad():
+        adapter.experts.perft_B.normal_(0, 0.1)
+        h = torch.randn(3, 64)
+        assert torch.equal(adapter(h), adapter(h))  # eval mode: deterministic
+        adapter.train()
+        assert not torch.equal(adapter(h), adapter(h))
