@@ -1,0 +1,191 @@
+"""``perft eval`` end to end through the CLI on a tiny OLMoE with a hand-made PERFT-R checkpoint."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_checkpoint
+from typer.testing import CliRunner
+
+from perft_cli.cli import app
+from perft_cli.prompts import eval_prompt
+
+runner = CliRunner()
+FAST = ["--set", "eval.max_new_tokens=8", "--batch-size", "4"]  # keeps each run to a few seconds on 2 CPU cores
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    """A run directory with one checkpoint, and a data dir with a commonsense-style and an arithmetic task."""
+    root = tmp_path_factory.mktemp("eval-e2e")
+    model_dir = tiny_model_dir("olmoe")
+    make_checkpoint(root / "run" / "checkpoints" / "step-00000001", model_dir)
+    data = root / "data"
+    choice = [
+        {"instruction": f"Is item {i} red? Option1: yes Option2: no", "input": "", "answer": f"option{1 + i % 2}"}
+        for i in range(6)
+    ]
+    math = [{"instruction": f"What is {i} + {i + 1}?", "input": "", "answer": str(2 * i + 1)} for i in range(6)]
+    for name, records in (("demo_choice", choice), ("demo_math", math)):
+        (data / name).mkdir(parents=True)
+        (data / name / "test.json").write_text(json.dumps(records))
+    return root, model_dir, data
+
+
+def _invoke(args: list[str]):
+    result = runner.invoke(app, ["eval", *args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def _check_outputs(json_file: Path) -> dict:
+    result = json.loads(json_file.read_text())
+    examples = Path(result["examples_file"])
+    assert examples == json_file.with_name(json_file.stem + ".examples.jsonl")
+    rows = [json.loads(line) for line in examples.read_text().splitlines()]
+    for name, t in result["tasks"].items():
+        mine = [r for r in rows if r["task"] == name]
+        assert [r["index"] for r in mine] == list(range(t["examples"]))
+        assert t["accuracy"] == pytest.approx(sum(r["correct"] for r in mine) / len(mine))
+        assert t["correct"] == sum(r["correct"] for r in mine)
+    return result
+
+
+def test_eval_checkpoint_writes_table_json_and_examples(setup, tmp_path):
+    root, _, data = setup
+    out = tmp_path / "res.json"
+    r = _invoke(
+        ["--ckpt", str(root / "run"), "--tasks", "demo_choice,demo_math", "--data-dir", str(data), "--json", str(out)]
+        + FAST
+    )
+    assert r.exit_code == 0, r.output
+    assert "demo_choice" in r.stdout and "demo_math" in r.stdout and "average commonsense" in r.stdout
+    result = _check_outputs(out)
+    assert result["protocol"] == "generation" and result["adapted"] is True
+    assert result["checkpoint"].endswith("step-00000001")
+    assert result["tasks"]["demo_choice"]["kind"] == "commonsense" and result["tasks"]["demo_math"]["kind"] == (
+        "arithmetic"
+    )
+    assert result["tasks"]["demo_choice"]["examples"] == 6 and result["tasks"]["demo_choice"]["custom"] is True
+    s = result["settings"]
+    assert (s["num_beams"], s["do_sample"], s["early_stopping"], s["batch_size"]) == (4, False, False, 4)
+    assert s["max_new_tokens"] == {"demo_choice": 8, "demo_math": 8}
+    assert "option1|option2" in s["answer_rules"]["demo_choice"]
+    assert result["averages"]["commonsense"] == result["tasks"]["demo_choice"]["accuracy"]
+    assert result["recipe"]["adapter"]["variant"] == "perft-r"
+    rows = [json.loads(line) for line in Path(result["examples_file"]).read_text().splitlines()]
+    first = rows[0]
+    assert first["prompt"] == eval_prompt("Is item 0 red? Option1: yes Option2: no", "", commonsense=True)
+    assert first["generated"].startswith("the correct answer is") and first["gold"] == "option1"
+    assert set(first) == {"task", "index", "prompt", "generated", "prediction", "gold", "correct"}
+
+
+def test_eval_default_json_in_run_dir_and_limit(setup):
+    root, _, data = setup
+    r = _invoke(["--ckpt", str(root / "run"), "--tasks", "demo_math", "--data-dir", str(data), "--limit", "2"] + FAST)
+    assert r.exit_code == 0, r.output
+    found = sorted((root / "run" / "eval").glob("step-00000001-adapted-*.json"))
+    assert found, "expected RUN/eval/<checkpoint>-adapted-<time>.json"
+    result = _check_outputs(found[-1])
+    assert result["tasks"]["demo_math"]["examples"] == 2 and result["limit"] == 2
+    assert result["averages"] == {"commonsense": None, "arithmetic": result["tasks"]["demo_math"]["accuracy"]}
+
+
+def test_eval_base_from_recipe_without_checkpoint(setup, tmp_path):
+    _, model_dir, data = setup
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+                "eval": {"tasks": ["demo_choice"], "data_dir": str(data), "max_new_tokens": 4, "limit": 3},
+                "output_dir": str(tmp_path / "run"),
+            }
+        )
+    )
+    r = _invoke(["--base", "--recipe", str(recipe)])
+    assert r.exit_code == 0, r.output
+    (json_file,) = (tmp_path / "run" / "eval").glob("base-*.json")
+    result = _check_outputs(json_file)
+    assert result["adapted"] is False and result["checkpoint"] is None
+    assert result["tasks"]["demo_choice"]["examples"] == 3 and result["settings"]["max_new_tokens"]["demo_choice"] == 4
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--tasks", "mmlu"], "unknown task 'mmlu'; known tasks: boolq, piqa, social_i_qa"),
+        (["--tasks", "boolq"], "git clone https://github.com/AGI-Edgerunners/LLM-Adapters"),
+        (["--tasks", "broken"], "record 1: missing or non-text field 'answer'"),
+        (["--tasks", "demo_math", "--mode", "lm-eval"], "pip install 'perft-cli[lm-eval]'"),
+        (["--tasks", "demo_math", "--mode", "fast"], "--mode 'fast'"),
+    ],
+)
+def test_eval_user_errors_are_one_line(setup, tmp_path, monkeypatch, args, message):
+    root, _, data = setup
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # lm-eval is not installed here; make sure of it anyway
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "test.json").write_text(
+        json.dumps([{"instruction": "q", "answer": "1"}, {"instruction": 2}])
+    )
+    r = _invoke(["--ckpt", str(root / "run"), "--data-dir", str(tmp_path), *args])
+    assert r.exit_code == 1
+    assert message in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_eval_needs_checkpoint_or_base_recipe():
+    r = _invoke(["--tasks", "boolq"])
+    assert r.exit_code == 1 and "pass --ckpt DIR" in r.stderr
+
+
+def test_lm_eval_mode_is_labelled_as_another_protocol(setup, tmp_path, monkeypatch):
+    """With a stand-in lm_eval module: the model and tokenizer are handed over and the output is labelled."""
+    root, _, _ = setup
+    seen = {}
+
+    class HFLM:
+        def __init__(self, pretrained, tokenizer, batch_size):
+            seen.update(model=pretrained, tokenizer=tokenizer, batch_size=batch_size)
+
+    def simple_evaluate(model, tasks, limit):
+        seen.update(tasks=tasks, limit=limit)
+        return {
+            "results": {
+                t: {"alias": t, "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.25} for t in tasks
+            },
+            "n-samples": {t: {"original": 100, "effective": 10} for t in tasks},
+        }
+
+    lm_eval = types.ModuleType("lm_eval")
+    lm_eval.simple_evaluate = simple_evaluate
+    models = types.ModuleType("lm_eval.models")
+    huggingface = types.ModuleType("lm_eval.models.huggingface")
+    huggingface.HFLM = HFLM
+    for name, module in (
+        ("lm_eval", lm_eval),
+        ("lm_eval.models", models),
+        ("lm_eval.models.huggingface", huggingface),
+    ):
+        monkeypatch.setitem(sys.modules, name, module)
+    out = tmp_path / "lm.json"
+    args = ["--ckpt", str(root / "run"), "--mode", "lm-eval", "--tasks", "arc-e,siqa,custom_task", "--json", str(out)]
+    r = _invoke(args + ["--limit", "10"])
+    assert r.exit_code == 0, r.output
+    assert seen["tasks"] == ["arc_easy", "social_iqa", "custom_task"] and seen["limit"] == 10
+    assert any("perft_" in n for n, _ in seen["model"].named_parameters())  # adapters attached
+    assert seen["tokenizer"] is not None and seen["batch_size"] == 8
+    assert "NOT comparable" in r.stdout
+    result = json.loads(out.read_text())
+    assert result["protocol"] == "lm-eval" and "NOT comparable" in result["protocol_note"]
+    assert result["tasks"]["arc_easy"] == {
+        "examples": 10,
+        "accuracy": 0.5,
+        "acc_norm": 0.25,
+        "metrics": {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.25},
+    }
