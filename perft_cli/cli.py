@@ -26,6 +26,23 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from perft_cli import __version__
+
+        typer.echo(f"perft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Parameter-Efficient Routed Fine-Tuning (PERFT) for Mixture-of-Experts language models."""
+
+
 def _debug() -> bool:
     return os.environ.get("PERFT_DEBUG", "") not in ("", "0")
 
@@ -40,9 +57,12 @@ def user_errors(fn: Callable) -> Callable:
         except PerftError as e:
             if _debug():
                 raise
+            from rich.markup import escape
+
             from perft_cli.console import err
 
-            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            # Escaped: messages hold paths and hints like "pip install 'perft-cli[plot]'" that are not markup.
+            err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -76,14 +96,26 @@ def train(
     ] = False,
     json_: Annotated[bool, typer.Option("--json", help="With --dry-run: print the audit as JSON on stdout.")] = False,
 ) -> None:
-    """Fine-tune the recipe's adapter on its data. Checkpoints and metrics.jsonl go to the run directory."""
+    """Fine-tune the recipe's adapter on its data. Checkpoints and metrics.jsonl go to the run directory.
+
+    Ctrl-C finishes the current step, saves a checkpoint and exits with code 130; --resume auto continues it.
+    """
     from perft_cli.config import load_recipe
+    from perft_cli.progress import say
     from perft_cli.train import run_train
 
     overrides = list(set_ or [])
     if output_dir is not None:
         overrides.append(f"output_dir={output_dir}")
-    run_train(load_recipe(recipe, overrides), resume=resume, dry_run=dry_run, as_json=json_)
+    if json_ and not dry_run:
+        raise PerftError("--json only applies with --dry-run (training writes metrics.jsonl and summary.json)")
+    result = run_train(load_recipe(recipe, overrides), resume=resume, dry_run=dry_run, as_json=json_)
+    if result.get("status") == "interrupted":
+        again = " ".join(["perft train", str(recipe), *(f"--set {o}" for o in set_ or [])])
+        again += f" --output-dir {output_dir}" if output_dir is not None else ""
+        saved = result["last_checkpoint"]
+        say(f"interrupted at step {result['step']}; saved {saved}. Resume with: {again} --resume auto")
+        raise typer.Exit(130)
 
 
 @app.command()
@@ -107,21 +139,46 @@ def plan(
 @user_errors
 def eval_(
     ckpt: Annotated[Path | None, typer.Option("--ckpt", help="Run or checkpoint directory to evaluate.")] = None,
-    tasks: Annotated[str | None, typer.Option("--tasks", help="Comma-separated task names.")] = None,
+    tasks: Annotated[
+        str | None, typer.Option("--tasks", help="Comma-separated task names (default: the recipe's eval.tasks).")
+    ] = None,
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", help="Folder with <task>/test.json files (LLM-Adapters layout).")
     ] = None,
-    limit: LimitOpt = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Use only the first N examples per task.")
+    ] = None,
     base: Annotated[bool, typer.Option("--base", help="Evaluate the frozen model without adapters.")] = False,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the results JSON here.")] = None,
+    json_path: Annotated[
+        Path | None,
+        typer.Option("--json", help="Results JSON (default: RUN/eval/...json); per-example .examples.jsonl beside."),
+    ] = None,
     recipe: Annotated[
         Path | None, typer.Option("--recipe", help="With --base and no --ckpt: the recipe naming the model.")
     ] = None,
     set_: SetOpt = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Prompts per generation batch (eval.batch_size).")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option("--max-new-tokens", min=1, help="For every task (default: 4 commonsense, 256 arithmetic)."),
+    ] = None,
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode",
+            help="generation: the paper's protocol. lm-eval: lm-evaluation-harness log-likelihood scoring "
+            "(not comparable; needs perft-cli[lm-eval]).",
+        ),
+    ] = "generation",
 ) -> None:
     """Evaluate with the paper's protocol (LLM-Adapters prompts, 4-beam search, exact answer extraction)."""
     from perft_cli.evaluate import run_eval
 
+    overrides = list(set_ or [])
+    if max_new_tokens is not None:
+        overrides.append(f"eval.max_new_tokens={max_new_tokens}")
     run_eval(
         ckpt=ckpt,
         tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
@@ -130,7 +187,9 @@ def eval_(
         base=base,
         json_path=json_path,
         recipe_path=recipe,
-        overrides=list(set_ or []),
+        overrides=overrides,
+        batch_size=batch_size,
+        mode=mode,
     )
 
 
@@ -139,27 +198,54 @@ def eval_(
 def merge(
     ckpt: CkptOpt,
     out: Annotated[Path, typer.Option("--out", help="Directory to write the self-contained model to.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
 ) -> None:
     """Fold (LoRA) or export (PERFT) the trained adapters with the base into one verified model directory."""
+    from rich.markup import escape
+
     from perft_cli.merge import run_merge
 
-    run_merge(ckpt=ckpt, out=out)
+    try:
+        run_merge(ckpt=ckpt, out=out, force=force)
+    except PerftError as e:  # user_errors prints with rich markup on, which would eat "[...]" in paths
+        raise type(e)(escape(str(e))) from None
 
 
 @app.command("inspect-routing")
 @user_errors
 def inspect_routing(
     ckpt: CkptOpt,
-    data: Annotated[Path | None, typer.Option("--data", help="Dataset file (default: validation split).")] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Dataset file, JSON or JSONL (default: the run's validation split).")
+    ] = None,
     limit: LimitOpt = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write every number as JSON here.")] = None,
     html_path: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report here.")] = None,
     png_path: Annotated[Path | None, typer.Option("--png", help="Write a figure here (needs matplotlib).")] = None,
+    collapse_share: Annotated[
+        float,
+        typer.Option("--collapse-share", min=0.0, max=1.0, help="Alarm when one PERFT expert takes this load share."),
+    ] = 0.5,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Examples per forward pass.")] = 8,
 ) -> None:
     """Show how tokens are routed among the experts, before and after fine-tuning, per MoE layer."""
+    from rich.markup import escape
+
     from perft_cli.inspect_routing import run_inspect
 
-    run_inspect(ckpt=ckpt, data=data, limit=limit, json_path=json_path, html_path=html_path, png_path=png_path)
+    try:
+        run_inspect(
+            ckpt=ckpt,
+            data=data,
+            limit=limit,
+            json_path=json_path,
+            html_path=html_path,
+            png_path=png_path,
+            batch_size=batch_size,
+            collapse_share=collapse_share,
+        )
+    except PerftError as e:  # user_errors prints with rich markup on, which would eat "[plot]"
+        raise type(e)(escape(str(e))) from None
 
 
 def main() -> None:

@@ -74,6 +74,7 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, MoEFamily]:
             device_map=cfg.device_map,
             trust_remote_code=cfg.trust_remote_code,
             attn_implementation=cfg.attn_implementation,
+            revision=cfg.revision,
         )
     else:
         kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
