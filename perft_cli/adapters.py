@@ -8,6 +8,7 @@ parameter names and the LoRA weights keep peft's ``lora_`` names).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,14 +146,20 @@ def load_adapter_state(model: nn.Module, variant: str, state: dict[str, torch.Te
         raise ModelError(f"{e.args[0]}; was the checkpoint trained with another adapter or model?") from None
 
 
+def _numel(p: torch.Tensor) -> int:
+    """Logical parameter count: a 4-bit tensor stores two weights per byte; its quant_state keeps the real shape."""
+    state = getattr(p, "quant_state", None)
+    return int(math.prod(state.shape)) if state is not None else p.numel()
+
+
 def accounting(model: nn.Module, cfg: AdapterConfig, family: MoEFamily) -> dict[str, Any]:
     """Parameter accounting by method.md: adapter trainable / activated per token, base total / activated."""
     blocks = find_moe_blocks(model, family)
-    base_total = sum(p.numel() for n, p in model.named_parameters() if not is_adapter_param(n))
+    base_total = sum(_numel(p) for n, p in model.named_parameters() if not is_adapter_param(n))
     base_active = base_total
     for b in blocks:
         # Fused routed experts: a token touches k of E experts (platform.md: count numel * k / E).
-        n = sum(p.numel() for p in b.experts.parameters())
+        n = sum(_numel(p) for p in b.experts.parameters())
         base_active -= n - n * b.top_k // b.num_experts
     if cfg.variant == "lora":
         trainable = sum(p.numel() for n, p in model.named_parameters() if LORA_PREFIX in n)

@@ -6,11 +6,14 @@ Layout of a run directory::
       recipe.yaml                    the resolved recipe
       metrics.jsonl                  one JSON object per logged step / eval
       best.json                      {"checkpoint": "checkpoints/step-00000080", "eval_loss": ...}
+      summary.json                   the end-of-run summary (time, tokens/s, peak memory, best eval loss)
       checkpoints/step-00000080/     one complete checkpoint (written to a temporary dir, then renamed)
         adapter.safetensors          adapter weights by full parameter name
         recipe.yaml                  the resolved recipe (so a checkpoint stands alone)
-        trainer_state.json           step, epoch, data position, losses, python/numpy RNG state
-        optimizer.safetensors + optimizer.json, scheduler.json, rng.safetensors
+        trainer_state.json           step, epoch, data position, losses, python/numpy RNG state (per process)
+        optimizer.safetensors        AdamW tensors as ``state.<param index>.<key>``; optimizer.json the rest
+        scheduler.json               the LR scheduler's state_dict
+        rng.safetensors              torch CPU / CUDA generator states as uint8 tensors, ``rank<r>.cpu`` etc.
 
 A checkpoint directory is complete iff it holds ``adapter.safetensors`` and ``trainer_state.json`` and its name does
 not start with ``.tmp``. Loading never unpickles: tensors come from safetensors, everything else from JSON/YAML.
@@ -35,6 +38,13 @@ STATE_FILE = "trainer_state.json"
 RECIPE_FILE = "recipe.yaml"
 BEST_FILE = "best.json"
 CKPT_DIR = "checkpoints"
+OPTIMIZER_FILE = "optimizer.safetensors"
+OPTIMIZER_JSON = "optimizer.json"
+SCHEDULER_FILE = "scheduler.json"
+RNG_FILE = "rng.safetensors"
+RESUME_FILES = (STATE_FILE, OPTIMIZER_FILE, OPTIMIZER_JSON, SCHEDULER_FILE, RNG_FILE)
+# Adapter settings that change the shapes or meaning of the saved weights: resuming across them is an error.
+SHAPE_KEYS = ("variant", "expert", "num_experts", "top_k", "rank")
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -184,3 +194,171 @@ def load_trained(
         load_adapter_state(model, recipe.adapter.variant, load_adapter_weights(path))
     model.eval()
     return model, tokenizer, recipe, family, attached
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training state: optimizer, scheduler and RNG as safetensors + JSON (never pickle), resume, retention
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CKPT_DIR / f"step-{step:08d}"
+
+
+def optimizer_files(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors (``state.<index>.<key>``) and JSON (scalars, param groups)."""
+    tensors, scalars = {}, {}
+    for index, per_param in state_dict["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in state_dict["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of ``optimizer_files``."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for name, value in meta.get("scalars", {}).items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def scheduler_json(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-safe part of a scheduler's state_dict (LambdaLR keeps its lambdas as None; they are code)."""
+    return {k: v for k, v in state_dict.items() if isinstance(v, int | float | str | bool | list | type(None))}
+
+
+def rng_states() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This process's RNG states: torch generators as uint8 tensors, python ``random`` and numpy as JSON."""
+    import random
+
+    import numpy as np
+
+    tensors = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    return tensors, states
+
+
+def set_rng_states(tensors: dict[str, torch.Tensor], states: dict[str, Any]) -> None:
+    """Restore what ``rng_states`` returned (CUDA states only for the devices present)."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(tensors["cpu"])
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"cuda{i}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"cuda{i}"], i)
+    version, mt, gauss = states["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def read_training_state(ckpt: Path) -> dict[str, Any]:
+    """Everything ``--resume`` needs from a checkpoint: trainer state, optimizer, scheduler and RNG states."""
+    from safetensors.torch import load_file
+
+    ckpt = Path(ckpt)
+    try:
+        return {
+            "state": json.loads((ckpt / STATE_FILE).read_text()),
+            "optimizer": optimizer_state_dict(
+                load_file(str(ckpt / OPTIMIZER_FILE)), json.loads((ckpt / OPTIMIZER_JSON).read_text())
+            ),
+            "scheduler": json.loads((ckpt / SCHEDULER_FILE).read_text()),
+            "rng": load_file(str(ckpt / RNG_FILE)),
+        }
+    except FileNotFoundError as e:
+        raise CheckpointError(
+            f"{ckpt} cannot be resumed: {Path(e.filename).name} is missing (only checkpoints written by "
+            "'perft train' hold the optimizer and RNG state)"
+        ) from None
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{ckpt} cannot be resumed: {e}") from None
+
+
+def find_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint ``--resume`` names: ``auto`` = newest complete one in the run dir (None if there is none)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    if not Path(resume).exists():
+        raise CheckpointError(f"--resume {resume!r} does not exist; pass 'auto' or a checkpoint directory")
+    return resolve_checkpoint(resume, prefer="latest")
+
+
+def check_resumable(ckpt: Path) -> None:
+    """A checkpoint without the full training state cannot resume: say so before the model loads."""
+    missing = [f for f in RESUME_FILES if not (Path(ckpt) / f).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{ckpt} cannot be resumed: it has no {', '.join(missing)} (only checkpoints written by 'perft train' "
+            "hold the optimizer and RNG state)"
+        )
+
+
+def check_resume_compatible(saved: Recipe, recipe: Recipe, ckpt: Path) -> list[str]:
+    """Raise CheckpointError when the checkpoint was trained for another model or adapter shape.
+
+    Returns the data/train keys that differ (resuming then continues, but not exactly as the first run would).
+    """
+    if Path(saved.model.name_or_path).name != Path(recipe.model.name_or_path).name:
+        raise CheckpointError(
+            f"cannot resume {ckpt}: it was trained on model {saved.model.name_or_path!r}, this recipe uses "
+            f"{recipe.model.name_or_path!r}"
+        )
+    for key in SHAPE_KEYS:
+        a, b = getattr(saved.adapter, key), getattr(recipe.adapter, key)
+        if a != b:
+            raise CheckpointError(
+                f"cannot resume {ckpt}: it was trained with adapter.{key}={a!r}, this recipe has adapter.{key}={b!r}"
+            )
+    differ = []
+    for section in ("data", "train"):
+        old, new = getattr(saved, section).model_dump(), getattr(recipe, section).model_dump()
+        differ += [f"{section}.{k}" for k in new if old.get(k) != new[k]]
+    return differ
+
+
+def clean_stale(run_dir: Path) -> list[str]:
+    """Remove ``.tmp-*`` directories a killed save left behind; returns their names."""
+    root = Path(run_dir) / CKPT_DIR
+    stale = sorted(p for p in root.glob(".tmp-*") if p.is_dir()) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in stale]
+
+
+def write_best(run_dir: Path, ckpt: Path, eval_loss: float, step: int) -> None:
+    """Point best.json at ``ckpt`` (written to a temporary file and renamed, like checkpoints)."""
+    tmp = Path(run_dir) / f".tmp-{BEST_FILE}"
+    rel = Path(ckpt).resolve().relative_to(Path(run_dir).resolve())
+    tmp.write_text(json.dumps({"checkpoint": rel.as_posix(), "eval_loss": eval_loss, "step": step}, indent=2))
+    os.replace(tmp, Path(run_dir) / BEST_FILE)
+
+
+def prune_checkpoints(run_dir: Path) -> list[Path]:
+    """Delete every complete checkpoint but the latest and the best; returns the deleted ones."""
+    keep = {latest_checkpoint(run_dir), best_checkpoint(run_dir)}
+    gone = [p for p in list_checkpoints(run_dir) if p not in keep]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone

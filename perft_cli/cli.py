@@ -201,14 +201,9 @@ def merge(
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
 ) -> None:
     """Fold (LoRA) or export (PERFT) the trained adapters with the base into one verified model directory."""
-    from rich.markup import escape
-
     from perft_cli.merge import run_merge
 
-    try:
-        run_merge(ckpt=ckpt, out=out, force=force)
-    except PerftError as e:  # user_errors prints with rich markup on, which would eat "[...]" in paths
-        raise type(e)(escape(str(e))) from None
+    run_merge(ckpt=ckpt, out=out, force=force)
 
 
 @app.command("inspect-routing")
@@ -229,23 +224,18 @@ def inspect_routing(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Examples per forward pass.")] = 8,
 ) -> None:
     """Show how tokens are routed among the experts, before and after fine-tuning, per MoE layer."""
-    from rich.markup import escape
-
     from perft_cli.inspect_routing import run_inspect
 
-    try:
-        run_inspect(
-            ckpt=ckpt,
-            data=data,
-            limit=limit,
-            json_path=json_path,
-            html_path=html_path,
-            png_path=png_path,
-            batch_size=batch_size,
-            collapse_share=collapse_share,
-        )
-    except PerftError as e:  # user_errors prints with rich markup on, which would eat "[plot]"
-        raise type(e)(escape(str(e))) from None
+    run_inspect(
+        ckpt=ckpt,
+        data=data,
+        limit=limit,
+        json_path=json_path,
+        html_path=html_path,
+        png_path=png_path,
+        batch_size=batch_size,
+        collapse_share=collapse_share,
+    )
 
 
 def main() -> None:

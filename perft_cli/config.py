@@ -94,7 +94,9 @@ class TrainConfig(_Section):
     seed: int = Field(42, description="Seed for adapter init, data order and dropout.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     report_to: list[Literal["tensorboard", "wandb"]] = Field([], description="Extra trackers through Accelerate.")
-    collapse_share: float = Field(0.9, gt=0, le=1, description="Warn when one PERFT expert takes this load share.")
+    collapse_share: float = Field(
+        0.9, gt=0, le=1, description="Warn when one PERFT-R expert is chosen by this share of a layer's tokens."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

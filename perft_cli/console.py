@@ -23,13 +23,15 @@ def is_main_process() -> bool:
 
 
 def info(message: str) -> None:
+    """A progress line on stderr (rank 0). Rich markup allowed; never wrapped, so paths stay copyable."""
     if is_main_process():
-        err.print(message)
+        err.print(message, soft_wrap=True)
 
 
 def warn(message: str) -> None:
+    """A warning line on stderr (rank 0), never wrapped."""
     if is_main_process():
-        err.print(f"[yellow]warning:[/] {message}")
+        err.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
 
 
 def print_json(data: Any) -> None:

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# One thread: the tiny models gain nothing from two, and when another process holds a core, OpenMP's barriers make
+# two-thread tiny ops hundreds of times slower (seen here: 0.07 s -> 27 s for one test). Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data" / "llm-adapters"

@@ -44,8 +44,15 @@ def run_plan(tmp_path, model_dir, *overrides):
 @pytest.mark.parametrize("model", sorted(SHAPES))
 @pytest.mark.parametrize(
     "variant,n,k,r",
-    [("perft-r", 4, 2, 16), ("perft-r", 8, 2, 8), ("perft-r", 16, 8, 4), ("perft-e", 0, 0, 8), ("perft-d", 4, 0, 16),
-     ("perft-s", 1, 0, 32), ("lora", 0, 0, 16)],
+    [
+        ("perft-r", 4, 2, 16),
+        ("perft-r", 8, 2, 8),
+        ("perft-r", 16, 8, 4),
+        ("perft-e", 0, 0, 8),
+        ("perft-d", 4, 0, 16),
+        ("perft-s", 1, 0, 32),
+        ("lora", 0, 0, 16),
+    ],
 )
 def test_plan_counts_are_the_formulas(tmp_path, model, variant, n, k, r):
     overrides = [f"adapter.variant={variant}", f"adapter.rank={r}"]

@@ -1,0 +1,269 @@
+"""What a training run shows and records: the progress bar, metrics.jsonl, trackers, collapse warnings, the summary.
+
+Everything printed goes through rank 0 only (``console.is_main_process``); every number that matters is also
+written to ``metrics.jsonl`` / ``summary.json`` in the run directory. Nothing here touches the model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.markup import escape
+
+from perft_cli.console import err, human_bytes, human_count, info, is_main_process, out, warn
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+COLLAPSE_STEPS = 20  # consecutive steps above train.collapse_share before a layer's router counts as collapsed
+
+
+def say(message: str) -> None:
+    """One line on stderr (rank 0), never wrapped; ``message`` is plain text (no markup)."""
+    info(escape(message))
+
+
+def caution(message: str) -> None:
+    """A warning line on stderr (rank 0), never wrapped; ``message`` is plain text."""
+    warn(escape(message))
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``RUN/metrics.jsonl`` (rank 0) and forwards scalars to trackers."""
+
+    def __init__(self, run_dir: Path, accelerator=None, keep_until: int | None = None):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.accelerator = accelerator
+        self.main = is_main_process()
+        if self.main and keep_until is not None:
+            truncate_metrics(self.path, keep_until)
+        elif self.main and keep_until is None:
+            self.path.write_text("")  # a fresh run starts a fresh log
+
+    def write(self, entry: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+        if self.accelerator is not None and self.accelerator.trackers:
+            scalars = {k: v for k, v in entry.items() if isinstance(v, int | float) and k != "step"}
+            self.accelerator.log(scalars, step=entry["step"])
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the entries after ``step``: a resumed run rewrites what the interrupted run logged past its checkpoint."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+class CollapseWatch:
+    """Watches the PERFT-R routers' load and reports a layer once, when one expert dominates it for long.
+
+    A layer counts as collapsed at a step when one PERFT expert is chosen by more than ``share`` of the step's
+    tokens. With top-K routing (K > 1) the fraction of *assignments* an expert can take is capped at 1/K, so the
+    fraction of *tokens* choosing it is the measure that reaches 1 when the router stops routing. Layers with
+    K = N (every expert always chosen) are not watched.
+    """
+
+    def __init__(self, num_experts: int, top_k: int, share: float, steps: int = COLLAPSE_STEPS):
+        self.num_experts, self.top_k, self.share, self.steps = num_experts, top_k, share, steps
+        self.enabled = 0 < top_k < num_experts
+        self.counts: dict[int, torch.Tensor] = {}  # layer -> [N] tokens per expert this step
+        self.tokens = 0
+        self.streak: dict[int, int] = {}
+        self.reported: set[int] = set()
+
+    def add(self, index: list[tuple[int, torch.Tensor]], mask: torch.Tensor) -> None:
+        """One forward pass: index = recorder.index, (layer, [T, K]); mask [B, S] with 1 on real tokens."""
+        if not self.enabled:
+            return
+        from perft_cli.perft import expert_counts
+
+        flat = mask.reshape(-1)  # [T]
+        for layer, idx in index:
+            c = expert_counts(idx, self.num_experts, flat.to(idx.device)).cpu()  # [N]
+            self.counts[layer] = self.counts.get(layer, torch.zeros_like(c)) + c
+        self.tokens += int(flat.sum())
+
+    def end_step(self, step: int) -> tuple[float | None, list[dict[str, Any]]]:
+        """Close a step: (the largest expert's token share over layers, newly collapsed layers as events)."""
+        if not self.enabled or not self.counts:
+            return None, []
+        events, top = [], 0.0
+        for layer, c in sorted(self.counts.items()):
+            share = c.double() / max(self.tokens, 1)  # [N] fraction of tokens choosing each expert
+            s, e = float(share.max()), int(share.argmax())
+            top = max(top, s)
+            self.streak[layer] = self.streak.get(layer, 0) + 1 if s > self.share else 0
+            if self.streak[layer] >= self.steps and layer not in self.reported:
+                self.reported.add(layer)
+                events.append({"step": step, "event": "routing_collapse", "layer": layer, "expert": e, "share": s})
+        self.counts, self.tokens = {}, 0
+        return top, events
+
+
+class TrainProgress:
+    """A rich progress bar on stderr (rank 0): step, epoch, losses, lr, tokens/s, ETA.
+
+    When stderr is not a terminal (CI logs, pipes) it prints a plain line every ~5% of the steps instead.
+    """
+
+    def __init__(self, total: int, start: int):
+        self.total, self.start = total, start
+        self.main = is_main_process()
+        self.live = self.main and err.is_terminal
+        self.every = max(1, total // 20)
+        self.bar = None
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=err,
+                transient=False,
+            )
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, entry: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        text = step_text(entry)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=entry["step"], info=text)
+        elif entry["step"] % self.every == 0 or entry["step"] == self.total:
+            err.print(f"step {entry['step']}/{self.total} {text}", highlight=False, soft_wrap=True)
+
+    def note(self, message: str) -> None:
+        """A line above the bar (eval results, warnings)."""
+        if self.main:
+            (self.bar.console if self.bar is not None else err).print(message, highlight=False, soft_wrap=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def step_text(e: dict[str, Any]) -> str:
+    aux = "".join(
+        f"{name} {e[key]:.3f} "
+        for name, key in (("aux", "base_aux_loss"), ("perft-aux", "perft_aux_loss"))
+        if e.get(key) is not None
+    )
+    return (
+        f"ep {e['epoch']:.2f} loss {e['loss']:.4f} lm {e['lm_loss']:.4f} {aux}"
+        f"lr {e['lr']:.2e} {e['tokens_per_s']:,.0f} tok/s"
+    )
+
+
+def print_start(info: dict[str, Any]) -> None:
+    """The setup in a few lines, the aux-loss coefficients in use first (users ask why aux losses seem off)."""
+    if not is_main_process():
+        return
+    base = info["base_aux_coef"]
+    base_text = "none (this family returns no aux loss)" if base is None else f"{base:g} ({info['base_aux_source']})"
+    perft = info["perft_aux_coef"]
+    err.print(
+        f"[bold]aux losses:[/] base router {base_text}; PERFT router "
+        + (f"{perft:g} (adapter.router_aux_loss_coef)" if perft is not None else "none (no PERFT router)"),
+        soft_wrap=True,
+    )
+    err.print(
+        f"[bold]model:[/] {info['model']} ({info['family']}, {info['dtype']}, {info['quantization']}); "
+        f"[bold]adapter:[/] {info['variant']}, {human_count(info['trainable_params'])} trainable, "
+        f"{human_count(info['activated_params'])} activated per token",
+        soft_wrap=True,
+    )
+    err.print(
+        f"[bold]data:[/] {info['train_examples']:,} train / {info['val_examples']:,} held out from {info['source']}; "
+        f"{info['steps_per_epoch']} steps/epoch, {info['total_steps']} steps, batch {info['batch_size']} = "
+        f"{info['micro_batch_size']} x {info['accumulation']} accumulation x {info['processes']} process(es)",
+        soft_wrap=True,
+    )
+    if info.get("resumed_from"):
+        err.print(f"[bold]resumed[/] from {info['resumed_from']} at step {info['start_step']}", soft_wrap=True)
+
+
+def peak_memory() -> tuple[int, str]:
+    """(bytes, what): CUDA max allocated on this process's device, else the process's max resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "CUDA max allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "max RSS"  # Linux reports KiB
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """summary.json in the run dir and a one-screen table on stdout (rank 0)."""
+    if not is_main_process():
+        return
+    (Path(run_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    from rich.table import Table
+
+    t = Table(title=f"perft train: {summary['status']}", show_header=False)
+    t.add_column("what")
+    t.add_column("value")
+    best = summary.get("best_eval_loss")
+    rows = [
+        ("steps", f"{summary['step']}/{summary['total_steps']} (epoch {summary['epoch']:.2f})"),
+        ("time", f"{summary['time_s']:.1f} s this session"),
+        ("throughput", f"{summary['tokens_per_s']:,.0f} tokens/s ({summary['tokens']:,} tokens this session)"),
+        ("peak memory", f"{human_bytes(summary['peak_memory_bytes'])} ({summary['peak_memory_kind']})"),
+        ("last loss", f"{summary['last_loss']:.4f}" if summary.get("last_loss") is not None else "-"),
+        ("best eval loss", f"{best:.4f} at step {summary['best_step']}" if best is not None else "- (no eval)"),
+        (
+            "parameters",
+            f"{summary['trainable_params']:,} trainable, {summary['activated_params']:,} activated per token",
+        ),
+        ("run directory", summary["run_dir"]),
+        ("last checkpoint", summary.get("last_checkpoint") or "-"),
+        ("best checkpoint", summary.get("best_checkpoint") or "-"),
+    ]
+    for row in rows:
+        t.add_row(*row)
+    out.print(t)
+
+
+def warn_collapse(event: dict[str, Any], progress: TrainProgress, share: float) -> None:
+    message = (
+        f"PERFT router of layer {event['layer']} has collapsed: expert {event['expert']} takes "
+        f"{event['share']:.0%} of the tokens for {COLLAPSE_STEPS}+ steps (threshold train.collapse_share={share}); "
+        "consider a larger adapter.router_aux_loss_coef"
+    )
+    progress.note(f"[yellow]warning:[/] {message}") if progress.live else caution(message)
+
+
+class Timer:
+    """Wall time of this session and of the last step."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self.last = now - self.last, now
+        return dt
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start

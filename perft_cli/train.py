@@ -1,0 +1,265 @@
+"""``perft train``: ``run_train`` reads top to bottom (setup, one loop, cleanup); the loop body is a few named calls.
+
+Accelerate drives devices, data parallelism (``torchrun`` / ``accelerate launch``), mixed precision and gradient
+accumulation (training/setup.py). One optimizer step is training/step.py; the data position, checkpoints and exact
+resume are training/state.py; what is shown and logged is progress.py. On CPU a run resumed from a checkpoint is
+bitwise identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from perft_cli import checkpoint as ck
+from perft_cli.config import Recipe
+from perft_cli.console import is_main_process, out, print_json
+from perft_cli.progress import (
+    CollapseWatch,
+    MetricsLog,
+    Timer,
+    TrainProgress,
+    caution,
+    peak_memory,
+    print_start,
+    warn_collapse,
+    write_summary,
+)
+from perft_cli.training.setup import (
+    Run,
+    check_quantized,
+    check_trackers,
+    make_accelerator,
+    prepare_run_dir,
+    schedule_length,
+    setup_training,
+    start_info,
+    teardown,
+)
+from perft_cli.training.state import Position, fresh_position, restore, save
+from perft_cli.training.step import (
+    TrainingError,
+    apply_update,
+    check_finite,
+    clip_gradients,
+    evaluate,
+    next_micro_batches,
+    train_step,
+)
+
+__all__ = ["DUMP_ENV", "TrainingError", "run_dry_run", "run_train"]
+
+DUMP_ENV = "PERFT_TEST_DUMP_ADAPTER"  # tests: every process writes its final adapter weights to this folder
+
+
+def run_train(recipe: Recipe, *, resume: str | None = None, dry_run: bool = False, as_json: bool = False) -> dict:
+    """Train the recipe's adapter; returns the summary (``status`` is "done" or "interrupted")."""
+    if dry_run:
+        return run_dry_run(recipe, as_json=as_json)
+    from accelerate.utils import set_seed
+
+    from perft_cli.adapters import attach_adapter
+    from perft_cli.data import load_examples
+    from perft_cli.modeling import load_model, load_tokenizer
+
+    run_dir = Path(recipe.output_dir)
+    check_trackers(recipe.train.report_to)
+    resume_from = prepare_run_dir(run_dir, recipe, resume)
+    accelerator = make_accelerator(recipe, run_dir)
+    set_seed(recipe.train.seed)  # the same adapter initialisation on every process
+
+    tokenizer = load_tokenizer(recipe.model)
+    train_set, val_set, source = load_examples(recipe.data, tokenizer)
+    schedule_length(recipe, len(train_set))  # too few examples for one batch: say so before loading the model
+    model, family = load_model(recipe.model)
+    attached = attach_adapter(model, recipe.adapter, family)
+    check_quantized(model, recipe)
+    run = setup_training(recipe, run_dir, accelerator, model, family, attached, tokenizer, train_set, val_set)
+    pos = restore(run, resume_from) if resume_from else fresh_position(run)
+    print_start(start_info(run, family, source, resume_from, pos))
+
+    metrics = MetricsLog(run_dir, accelerator, keep_until=pos.step if resume_from else None)
+    progress = TrainProgress(run.total_steps, pos.step)
+    watch = CollapseWatch(attached.num_experts, attached.top_k, recipe.train.collapse_share)
+    timer, session_tokens, status = Timer(), 0, "done"
+    try:
+        with interrupt_flag() as stop:
+            if resume_from is None and len(val_set):
+                log_eval(run, pos, metrics, progress)  # the "before" eval loss
+            while pos.step < run.total_steps:
+                timer.lap()  # time the step alone: eval and save time is not training throughput
+                stats = train_step(run, next_micro_batches(run, pos), watch, stop)
+                stats["grad_norm"] = clip_gradients(run)
+                check_finite(run, pos, stats)
+                stats["lr"] = apply_update(run)
+                pos.advance(run.steps_per_epoch)
+                session_tokens += stats["tokens"]
+                log_step(run, pos, stats, timer.lap(), metrics, progress, watch)
+                if pos.step % recipe.train.eval_every == 0 or pos.step == run.total_steps:
+                    log_eval(run, pos, metrics, progress)
+                if pos.step % recipe.train.save_every == 0 or pos.step == run.total_steps or stats["stop"]:
+                    save(run, pos)
+                if stats["stop"]:
+                    status = "interrupted"
+                    break
+    except BaseException:
+        progress.close()
+        teardown(accelerator, clean=False)
+        raise
+    progress.close()
+    summary = finish(run, pos, status, timer.total(), session_tokens)
+    teardown(accelerator, clean=True)
+    return summary
+
+
+def log_step(run, pos, stats, seconds, metrics: MetricsLog, progress: TrainProgress, watch: CollapseWatch) -> None:
+    pos.tokens += stats["tokens"]
+    pos.last_loss = stats["loss"]
+    top_share, events = watch.end_step(pos.step)
+    entry = {
+        "step": pos.step,
+        "epoch": round(pos.progress(run.steps_per_epoch), 4),
+        "loss": stats["loss"],
+        "lm_loss": stats["lm_loss"],
+        "base_aux_loss": stats["base_aux_loss"],
+        "perft_aux_loss": stats["perft_aux_loss"],
+        "lr": stats["lr"],
+        "grad_norm": stats["grad_norm"],
+        "tokens": stats["tokens"],
+        "tokens_per_s": stats["tokens"] / max(seconds, 1e-9),
+    }
+    if top_share is not None:
+        entry["perft_max_expert_share"] = top_share
+    progress.update(entry)
+    if pos.step % run.recipe.train.log_every == 0 or pos.step == run.total_steps:
+        metrics.write(entry)
+    for event in events:
+        metrics.write(event)
+        warn_collapse(event, progress, run.recipe.train.collapse_share)
+
+
+def log_eval(run: Run, pos: Position, metrics: MetricsLog, progress: TrainProgress) -> None:
+    """Eval loss; a new best (after step 0) is saved as a checkpoint and named in best.json."""
+    if not len(run.val_set):
+        return
+    loss = evaluate(run)
+    pos.last_eval = pos.step
+    metrics.write({"step": pos.step, "epoch": round(pos.progress(run.steps_per_epoch), 4), "eval_loss": loss})
+    better = pos.step > 0 and (pos.best_eval is None or loss < pos.best_eval)
+    progress.note(f"step {pos.step}: eval loss {loss:.4f}" + (" (best)" if better else ""))
+    if better:
+        pos.best_eval, pos.best_step = loss, pos.step
+        path = save(run, pos)
+        if is_main_process():
+            ck.write_best(run.run_dir, path, loss, pos.step)
+            ck.prune_checkpoints(run.run_dir)
+        run.accelerator.wait_for_everyone()
+
+
+@contextmanager
+def interrupt_flag():
+    """SIGINT / SIGTERM set a flag: the loop finishes its step, saves and stops. A second Ctrl-C aborts."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        caution("interrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort without saving)")
+
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signals can only be handled there
+        yield flag
+        return
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def finish(run: Run, pos: Position, status: str, seconds: float, tokens: int) -> dict[str, Any]:
+    """The end-of-run summary (summary.json + a table) and the test hook that dumps every process's adapter."""
+    from perft_cli.adapters import adapter_state
+
+    mem, kind = peak_memory()
+    last, best = ck.latest_checkpoint(run.run_dir), ck.best_checkpoint(run.run_dir)
+    summary = {
+        "status": status,
+        "step": pos.step,
+        "total_steps": run.total_steps,
+        "epoch": pos.progress(run.steps_per_epoch),
+        "time_s": seconds,
+        "tokens": tokens,
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+        "peak_memory_bytes": mem,
+        "peak_memory_kind": kind,
+        "last_loss": pos.last_loss,
+        "best_eval_loss": pos.best_eval,
+        "best_step": pos.best_step,
+        "trainable_params": run.accounting["trainable_params"],
+        "activated_params": run.accounting["activated_params"],
+        "run_dir": str(run.run_dir),
+        "last_checkpoint": str(last) if last else None,
+        "best_checkpoint": str(best) if best else None,
+        "processes": run.accelerator.num_processes,
+    }
+    write_summary(run.run_dir, summary)
+    if os.environ.get(DUMP_ENV):
+        from safetensors.torch import save_file
+
+        dump = Path(os.environ[DUMP_ENV])
+        dump.mkdir(parents=True, exist_ok=True)
+        save_file(
+            adapter_state(run.unwrapped, run.attached.variant),
+            str(dump / f"rank{run.accelerator.process_index}.safetensors"),
+        )
+    return summary
+
+
+def run_dry_run(recipe: Recipe, *, as_json: bool) -> dict[str, Any]:
+    """Load the model as the recipe asks, attach the adapter, print the quantization audit and accounting, stop.
+
+    The audit is printed before ``check_audit`` so a failing nf4 check shows what is not 4-bit.
+    """
+    from perft_cli.adapters import accounting, attach_adapter
+    from perft_cli.modeling import load_model
+    from perft_cli.quant import audit, check_audit, format_audit_table
+
+    model, family = load_model(recipe.model)
+    attach_adapter(model, recipe.adapter, family)
+    result = {
+        "model": recipe.model.name_or_path,
+        "family": family.display,
+        "variant": recipe.adapter.variant,
+        **audit(model, quantization=recipe.model.quantization),
+        "accounting": accounting(model, recipe.adapter, family),
+    }
+    if as_json:
+        print_json(result)
+    elif is_main_process():
+        out.print(format_audit_table(result))
+        print_accounting(result["accounting"])
+    check_audit(result, recipe.model.quantization)
+    return result
+
+
+def print_accounting(acc: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"Parameters ({acc['variant']}, {acc['moe_layers']} MoE layers)")
+    t.add_column("what")
+    t.add_column("parameters", justify="right")
+    for label, key in (
+        ("adapter trainable", "trainable_params"),
+        ("adapter activated per token", "activated_params"),
+        ("base total (frozen)", "base_total_params"),
+        ("base activated per token", "base_activated_params"),
+    ):
+        t.add_row(label, f"{acc[key]:,}")
+    out.print(t)

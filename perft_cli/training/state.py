@@ -1,0 +1,143 @@
+"""Where training stands and how it is saved and restored: the data position, full-state checkpoints, resume.
+
+A checkpoint holds the adapter, the optimizer, the scheduler, every process's RNG states and the data position
+(epoch, batch within the epoch, data-order seed). The batch order is a pure function of (seed, epoch) (data.py), so
+restoring all of it continues with exactly the batches, dropout masks and updates of the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from perft_cli import checkpoint as ck
+from perft_cli.console import is_main_process
+from perft_cli.errors import CheckpointError
+from perft_cli.progress import caution
+from perft_cli.training.setup import Run
+
+KILL_ENV = "PERFT_TEST_KILL_AT_STEP"  # tests: SIGKILL this process right after the checkpoint of that step
+
+
+@dataclass
+class Position:
+    """Where training stands: optimizer steps done and the next batch (epoch, index in epoch) of the data order."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    data_seed: int = 0
+    tokens: int = 0
+    best_eval: float | None = None
+    best_step: int | None = None
+    last_saved: int | None = None
+    last_eval: int | None = None
+    last_loss: float | None = None
+    _order: tuple[int, list[list[int]]] | None = field(default=None, repr=False)
+
+    def progress(self, steps_per_epoch: int) -> float:
+        return self.epoch + self.batch / steps_per_epoch
+
+    def advance(self, steps_per_epoch: int) -> None:
+        self.step += 1
+        self.batch += 1
+        if self.batch == steps_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+
+
+def fresh_position(run: Run) -> Position:
+    from accelerate.utils import set_seed
+
+    set_seed(run.recipe.train.seed, device_specific=True)  # dropout differs between data-parallel processes
+    return Position(data_seed=run.recipe.train.seed)
+
+
+def restore(run: Run, ckpt: Path) -> Position:
+    """Load adapter, optimizer, scheduler and this process's RNG states; return the saved data position."""
+    from perft_cli.adapters import load_adapter_state
+
+    saved = ck.read_training_state(ckpt)
+    load_adapter_state(run.unwrapped, run.attached.variant, ck.load_adapter_weights(ckpt))
+    groups = saved["optimizer"]["param_groups"]
+    if sum(len(g["params"]) for g in groups) != len(run.params):
+        raise CheckpointError(f"cannot resume {ckpt}: its optimizer state is for another set of adapter parameters")
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    st = saved["state"]
+    world, rank = run.accelerator.num_processes, run.accelerator.process_index
+    if st.get("world_size", 1) != world:
+        caution(f"{ckpt} was saved by {st.get('world_size')} process(es), this run has {world}: not bitwise exact")
+    d = st["data"]
+    if d.get("fingerprint") != run.data_fingerprint or d.get("steps_per_epoch") != run.steps_per_epoch:
+        caution(f"the training data or batch size differs from those of {ckpt}: the data position is approximate")
+    epoch, batch = (d["epoch"], d["batch"]) if d["batch"] < run.steps_per_epoch else (d["epoch"] + 1, 0)
+    r = rank % st.get("world_size", 1)
+    ck.set_rng_states(
+        {k.split(".", 1)[1]: v for k, v in saved["rng"].items() if k.startswith(f"rank{r}.")}, st["rng"][r]
+    )
+    return Position(
+        step=st["step"],
+        epoch=epoch,
+        batch=batch,
+        data_seed=d["seed"],
+        tokens=st.get("tokens", 0),
+        best_eval=st.get("best_eval_loss"),
+        best_step=st.get("best_step"),
+        last_saved=st["step"],
+        last_eval=st.get("last_eval_step"),
+        last_loss=st.get("last_loss"),
+    )
+
+
+def save(run: Run, pos: Position) -> Path:
+    """Write the checkpoint of the current step (rank 0 writes; every process contributes its RNG states)."""
+    from accelerate.utils import gather_object
+
+    from perft_cli.adapters import adapter_state
+
+    path = ck.step_dir(run.run_dir, pos.step)
+    if pos.last_saved == pos.step and path.is_dir():
+        return path
+    rng = gather_object([ck.rng_states()])  # [(tensors, json)] per process, in rank order
+    if is_main_process():
+        opt_tensors, opt_json = ck.optimizer_files(run.optimizer.state_dict())
+        rng_tensors = {f"rank{r}.{k}": v.contiguous() for r, (t, _) in enumerate(rng) for k, v in t.items()}
+        ck.write_checkpoint(
+            path,
+            adapter=adapter_state(run.unwrapped, run.attached.variant),
+            recipe=run.recipe,
+            state=trainer_state(run, pos, [s for _, s in rng]),
+            tensors={ck.OPTIMIZER_FILE: opt_tensors, ck.RNG_FILE: rng_tensors},
+            jsons={ck.OPTIMIZER_JSON: opt_json, ck.SCHEDULER_FILE: ck.scheduler_json(run.scheduler.state_dict())},
+        )
+        ck.prune_checkpoints(run.run_dir)
+    run.accelerator.wait_for_everyone()
+    pos.last_saved = pos.step
+    if os.environ.get(KILL_ENV) == str(pos.step):
+        os.kill(os.getpid(), signal.SIGKILL)  # tests: a hard kill right after a save, as a crash would
+    return path
+
+
+def trainer_state(run: Run, pos: Position, rng_json: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "step": pos.step,
+        "epoch": pos.progress(run.steps_per_epoch),
+        "total_steps": run.total_steps,
+        "data": {
+            "epoch": pos.epoch,
+            "batch": pos.batch,
+            "seed": pos.data_seed,
+            "steps_per_epoch": run.steps_per_epoch,
+            "fingerprint": run.data_fingerprint,
+        },
+        "tokens": pos.tokens,
+        "best_eval_loss": pos.best_eval,
+        "best_step": pos.best_step,
+        "last_eval_step": pos.last_eval,
+        "last_loss": pos.last_loss,
+        "world_size": run.accelerator.num_processes,
+        "rng": rng_json,
+    }

@@ -1,0 +1,281 @@
+"""`perft train` end to end on a tiny OLMoE: every variant learns, checkpoints hold only the adapter, resume is exact.
+
+The resume and Ctrl-C tests run ``python -m perft_cli train`` in subprocesses (one thread each) so that a real
+SIGKILL / SIGINT hits a real process; the rest runs in-process through ``run_train``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from perft_cli.checkpoint import (
+    ADAPTER_FILE,
+    CKPT_DIR,
+    best_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_adapter_weights,
+)
+from perft_cli.config import load_recipe
+from perft_cli.progress import CollapseWatch, read_metrics
+from perft_cli.train import TrainingError, run_train
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
+LOSS_KEYS = ("step", "loss", "lm_loss", "base_aux_loss", "perft_aux_loss", "lr", "grad_norm", "eval_loss")
+
+
+def make_data(path: Path, n: int = 64, seed: int = 0) -> Path:
+    """A learnable pattern in LLM-Adapters form: "Repeat red 2 times." -> "red red"."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        w, k = rng.choice(WORDS), rng.randint(1, 3)
+        records.append(
+            {"instruction": f"Repeat {w} {k} times.", "input": "", "output": " ".join([w] * k), "answer": w}
+        )
+    path.write_text(json.dumps(records))
+    return path
+
+
+def make_recipe(tmp_path: Path, model_dir: Path, data_file: Path | None = None, **sections) -> Path:
+    """A recipe file for the tiny model: small adapter, 256-token cutoff (the template alone is ~230 bytes)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    raw = {
+        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+        "adapter": {"variant": "perft-r", "num_experts": 4, "top_k": 2, "rank": 4},
+        "data": {"train": str(data_file or make_data(tmp_path / "data.json")), "cutoff_len": 256, "val_size": 8},
+        "train": {
+            "lr": 0.05,
+            "max_steps": 24,
+            "batch_size": 4,
+            "micro_batch_size": 4,
+            "warmup_steps": 2,
+            "eval_every": 100,
+            "save_every": 100,
+        },
+        "output_dir": str(tmp_path / "run"),
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Shared 2-core machines: one thread is faster than two contending ones, and keeps runs reproducible.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("variant", ["perft-r", "perft-e", "perft-d", "perft-s", "lora"])
+def test_every_variant_learns_and_saves_only_the_adapter(tmp_path, tiny_model_dir, variant):
+    model_dir = tiny_model_dir("olmoe")
+    recipe = load_recipe(make_recipe(tmp_path, model_dir, adapter={"variant": variant}))
+    summary = run_train(recipe)
+    run = Path(recipe.output_dir)
+    steps = [e for e in read_metrics(run) if "lm_loss" in e]
+    evals = [e["eval_loss"] for e in read_metrics(run) if "eval_loss" in e]
+    first, last = sum(e["lm_loss"] for e in steps[:2]) / 2, sum(e["lm_loss"] for e in steps[-3:]) / 3
+    assert len(steps) == 24 and summary["status"] == "done"
+    assert last < first - 0.4, f"{variant}: loss {first:.3f} -> {last:.3f}"
+    assert evals[-1] < evals[0] - 0.4, f"{variant}: eval loss {evals}"
+    assert all(e["base_aux_loss"] > 0 for e in steps)  # OLMoE's own balance loss is on
+    assert all((e["perft_aux_loss"] is not None) == (variant == "perft-r") for e in steps)
+    for e in steps:  # loss = LM + 0.01 (OLMoE's router_aux_loss_coef) * base aux + 0.01 (recipe) * PERFT aux
+        assert e["loss"] == pytest.approx(e["lm_loss"] + 0.01 * e["base_aux_loss"] + 0.01 * (e["perft_aux_loss"] or 0))
+
+    # The run directory holds the adapter and training state, never the base weights.
+    base = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    ckpt = latest_checkpoint(run)
+    assert best_checkpoint(run) == ckpt and [c.name for c in list_checkpoints(run)] == ["step-00000024"]
+    run_bytes = sum(f.stat().st_size for f in run.rglob("*") if f.is_file())
+    assert (ckpt / ADAPTER_FILE).stat().st_size < base / 20 and run_bytes < base / 5
+    names = load_adapter_weights(ckpt)
+    assert names and all(("perft_" in n) or ("lora_" in n) for n in names)
+    assert json.loads((run / "summary.json").read_text())["trainable_params"] == summary["trainable_params"]
+    assert (run / "recipe.yaml").is_file()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_training_runs_on_every_family(tmp_path, tiny_model_dir, family):
+    recipe = make_recipe(
+        tmp_path, tiny_model_dir(family), data={"cutoff_len": 64}, train={"max_steps": 2, "micro_batch_size": 2}
+    )
+    summary = run_train(load_recipe(recipe))
+    steps = [e for e in read_metrics(tmp_path / "run") if "lm_loss" in e]
+    assert summary["status"] == "done" and len(steps) == 2
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in steps)
+    # DeepSeek returns no load-balancing loss: logged as null, and the start-up line says so.
+    assert (steps[0]["base_aux_loss"] is None) == family.startswith("deepseek")
+
+
+def test_activation_checkpointing_and_epochs(tmp_path, tiny_model_dir):
+    """Activation checkpointing recomputes, it does not change the result; train.epochs sets the length."""
+    model_dir, data = tiny_model_dir("olmoe"), make_data(tmp_path / "data.json", n=16)
+    curves = []
+    for checkpointing in (False, True):
+        recipe = make_recipe(
+            tmp_path / str(checkpointing),
+            model_dir,
+            data,
+            data={"val_size": 4, "cutoff_len": 128},
+            train={"max_steps": None, "epochs": 1.5, "gradient_checkpointing": checkpointing},
+        )
+        run_train(load_recipe(recipe))
+        curves.append([e["loss"] for e in read_metrics(tmp_path / str(checkpointing) / "run") if "loss" in e])
+    assert len(curves[0]) == 5  # 12 training examples / batch 4 = 3 steps per epoch, x 1.5 -> ceil 4.5
+    assert curves[1] == pytest.approx(curves[0], rel=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    import perft_cli.training.step as step
+
+    recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir("olmoe"), train={"max_steps": 8, "save_every": 2}))
+    real, calls = step.token_nll_sum, {"n": 0}
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        loss = real(logits, labels)
+        return loss * float("nan") if calls["n"] == 7 else loss  # 2 eval micro-batches, then 1 per step
+
+    monkeypatch.setattr(step, "token_nll_sum", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite training loss at step 5 .*step-00000004"):
+        run_train(recipe)
+    assert [c.name for c in list_checkpoints(Path(recipe.output_dir))] == ["step-00000004"]
+
+
+def test_dry_run_json_prints_the_audit_and_accounting(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from perft_cli.cli import app
+
+    pytest.importorskip("perft_cli.quant")
+    recipe = make_recipe(tmp_path, tiny_model_dir("olmoe"), model={"quantization": "nf4", "dtype": "bfloat16"})
+    result = CliRunner().invoke(app, ["train", str(recipe), "--dry-run", "--json"])
+    assert result.exit_code == 0, result.stderr
+    audit = json.loads(result.stdout)
+    assert audit["quantization"] == "nf4" and audit["routed_experts"]["dtypes"] == ["nf4"]
+    assert audit["routed_experts"]["bytes_per_param"] < 0.6  # 4 bits + block constants
+    assert audit["accounting"]["trainable_params"] == 4 * 2 * 64 * 4 * 2 + 4 * 64 * 2  # N 2Dr + N D, 2 layers
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before training
+    table = CliRunner().invoke(app, ["train", str(recipe), "--dry-run"])
+    assert table.exit_code == 0 and "routed_experts" in table.stdout and "adapter trainable" in table.stdout
+
+
+def test_collapse_watch_reports_a_layer_once():
+    watch = CollapseWatch(num_experts=4, top_k=2, share=0.9, steps=3)
+    mask = torch.ones(1, 10)
+    events = []
+    for step in range(1, 7):
+        always_0 = torch.stack([torch.zeros(10, dtype=torch.long), torch.arange(10) % 3 + 1], dim=1)  # [T, K]
+        balanced = torch.stack([torch.arange(10) % 4, (torch.arange(10) + 1) % 4], dim=1)
+        watch.add([(0, always_0), (1, balanced)], mask)
+        top, new = watch.end_step(step)
+        assert top == 1.0
+        events += new
+    assert events == [{"step": 3, "event": "routing_collapse", "layer": 0, "expert": 0, "share": 1.0}]
+    assert not CollapseWatch(num_experts=2, top_k=2, share=0.9).enabled  # K = N: every expert always chosen
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Subprocess runs: exact resume after SIGKILL, Ctrl-C
+
+
+def perft(args: list[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    full.pop("PERFT_DEBUG", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "perft_cli", "train", *args],
+        cwd=ROOT,
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # Ctrl-C in the terminal running pytest does not reach it; killpg on hangs
+        **kwargs,
+    )
+
+
+def wait(proc: subprocess.Popen, timeout: float = 240) -> str:
+    """Wait for a run; returns its stderr. A hang is killed (with any children) rather than left behind."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def curve(run: Path) -> list[dict]:
+    return [{k: e[k] for k in LOSS_KEYS if k in e} for e in read_metrics(run) if "event" not in e]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tiny_model_dir):
+    model_dir = tiny_model_dir("olmoe")
+    data = make_data(tmp_path / "data.json", n=24)  # 20 train / 4 held out: 5 steps per epoch, resume crosses one
+    common = {
+        "data": {"val_size": 4, "group_by_length": True},
+        # dropout on (RNG state matters), accumulation 2 (micro-batch order matters)
+        "adapter": {"dropout": 0.1},
+        "train": {"max_steps": 8, "batch_size": 4, "micro_batch_size": 2, "eval_every": 3, "save_every": 4},
+    }
+    recipe_a = make_recipe(tmp_path / "a", model_dir, data, output_dir=str(tmp_path / "a" / "run"), **common)
+    recipe_b = make_recipe(tmp_path / "b", model_dir, data, output_dir=str(tmp_path / "b" / "run"), **common)
+    straight = perft([str(recipe_a)])
+    killed = perft([str(recipe_b)], env={"PERFT_TEST_KILL_AT_STEP": "4"})
+    err_a, err_b = wait(straight), wait(killed)
+    assert straight.returncode == 0, err_a[-2000:]
+    assert killed.returncode == -signal.SIGKILL, err_b[-2000:]
+    run_a, run_b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    assert latest_checkpoint(run_b).name == "step-00000004"
+
+    # A save killed half-way leaves a temporary directory: resume must ignore it (and the next save clean it up).
+    stale = run_b / CKPT_DIR / ".tmp-step-00000006"
+    stale.mkdir()
+    (stale / ADAPTER_FILE).write_bytes(b"partial")
+    (stale / "trainer_state.json").write_text("{")
+
+    resumed = perft([str(recipe_b), "--resume", "auto"])
+    err_c = wait(resumed)
+    assert resumed.returncode == 0, err_c[-2000:]
+    assert "resumed" in err_c and "step-00000004" in err_c and not stale.exists()
+
+    final_a, final_b = load_adapter_weights(latest_checkpoint(run_a)), load_adapter_weights(latest_checkpoint(run_b))
+    assert latest_checkpoint(run_b).name == "step-00000008" and final_a.keys() == final_b.keys()
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a), "adapter weights differ after resume"
+    assert curve(run_a) == curve(run_b) and len(curve(run_a)) > 8
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_exits_130(tmp_path, tiny_model_dir):
+    recipe = make_recipe(tmp_path, tiny_model_dir("olmoe"), train={"max_steps": 10_000, "save_every": 10_000})
+    proc = perft([str(recipe), "--resume", "auto"])  # nothing to resume yet: starts fresh and says so
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and sum('"lm_loss"' in line for line in metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    err = wait(proc, timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt is not None and int(ckpt.name.split("-")[1]) >= 2
+    assert "starting a fresh run" in err and "Traceback" not in err
+    assert f"saved {ckpt}" in err and f"Resume with: perft train {recipe} --resume auto" in err
