@@ -28,6 +28,22 @@ _BASE: dict[str, Any] = dict(
     eos_token_id=258,
 )
 
+# DeepSeek-V2/V3: multi-head latent attention, one shared expert, the first layer dense (no adapter there).
+_DEEPSEEK: dict[str, Any] = dict(
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=64,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    num_hidden_layers=3,
+    kv_lora_rank=32,
+    q_lora_rank=None,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+    num_key_value_heads=4,
+)
+
 _FAMILY: dict[str, dict[str, Any]] = {
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
     "olmoe": dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
@@ -43,38 +59,8 @@ _FAMILY: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(
         num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True, head_dim=16
     ),
-    "deepseek_v2": dict(
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=64,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        num_hidden_layers=3,
-        n_group=1,
-        topk_group=1,
-        kv_lora_rank=32,
-        q_lora_rank=None,
-        qk_rope_head_dim=16,
-        qk_nope_head_dim=16,
-        v_head_dim=16,
-        num_key_value_heads=4,
-    ),
-    "deepseek_v3": dict(
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=64,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        num_hidden_layers=3,
-        n_group=2,
-        topk_group=1,
-        kv_lora_rank=32,
-        q_lora_rank=None,
-        qk_rope_head_dim=16,
-        qk_nope_head_dim=16,
-        v_head_dim=16,
-        num_key_value_heads=4,
-    ),
+    "deepseek_v2": dict(_DEEPSEEK, n_group=1, topk_group=1),
+    "deepseek_v3": dict(_DEEPSEEK, n_group=2, topk_group=1),  # V3 routes within groups of experts
     "gpt_oss": dict(
         num_local_experts=8,
         num_experts_per_tok=2,

@@ -55,3 +55,15 @@ def make_checkpoint(ckpt_dir: Path, model_dir: Path, variant: str = "perft-r", s
     return write_checkpoint(
         ckpt_dir, adapter=adapter_state(model, variant), recipe=recipe, state={"step": 0, "handmade": True}
     )
+
+
+def write_recipe(tmp_path: Path, raw: dict, **sections) -> Path:
+    """Write ``raw`` (a recipe as a dict) to tmp_path/recipe.yaml, each keyword updating one section of it."""
+    import yaml
+
+    raw = dict(raw)
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path

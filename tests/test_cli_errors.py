@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import write_recipe
 from typer.testing import CliRunner
 
 from perft_cli.cli import app
@@ -41,11 +41,7 @@ def recipe_file(tmp_path: Path, model_dir: Path, records=RECORDS, data_text: str
         "train": {"max_steps": 1, "batch_size": 2, "micro_batch_size": 2},
         "output_dir": str(tmp_path / "run"),
     }
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_recipe(tmp_path, raw, **sections)
 
 
 @pytest.fixture(autouse=True)

@@ -6,10 +6,10 @@ import json
 import shutil
 
 import pytest
+from conftest import CONFIGS
 from typer.testing import CliRunner
 
 from perft_cli.cli import app
-from tests.conftest import CONFIGS
 
 # (hidden D, MoE layers L, experts E, top-k k, q out, v out) of the real models.
 SHAPES = {"olmoe-1b-7b": (2048, 16, 64, 8, 2048, 2048), "mixtral-8x7b": (4096, 32, 8, 2, 4096, 1024)}

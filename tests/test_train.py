@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import write_recipe
 
 from perft_cli.checkpoint import (
     ADAPTER_FILE,
@@ -67,11 +67,7 @@ def make_recipe(tmp_path: Path, model_dir: Path, data_file: Path | None = None, 
         },
         "output_dir": str(tmp_path / "run"),
     }
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_recipe(tmp_path, raw, **sections)
 
 
 @pytest.fixture(autouse=True)
