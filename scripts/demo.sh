@@ -9,6 +9,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RECIPE=${1:-recipes/demo.yaml}
 bash scripts/setup.sh
+if [ ! -f demo/tiny-moe/model.safetensors ]; then
+  # Not shipped yet (see demo/README.md): pretrain it once from the committed, seeded script (~10-15 min on 2 cores).
+  echo "== 0/4 demo/tiny-moe is missing: pretraining it (scripts/pretrain_tiny_moe.py)"
+  .venv/bin/python scripts/pretrain_tiny_moe.py --out demo/tiny-moe
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 RUN=runs/demo-$(basename "$RECIPE" .yaml)-$(date +%Y%m%d-%H%M%S)
 P=.venv/bin/perft
