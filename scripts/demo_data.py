@@ -10,9 +10,11 @@ arithmetic. The pretraining corpus states these facts in plain English ("The bal
 "three plus four is seven.") and never in the downstream task form. The two tasks use the LLM-Adapters record
 format (``instruction``, ``input`` = "", ``output``, ``answer``):
 
-- ``demo_choice``: two-option questions about the world's facts, answered "the correct answer is option1/2",
-  like WinoGrande. Test questions ask about (entity, attribute) pairs that no training question asks about, so
-  solving them needs the facts the frozen model learned in pretraining.
+- ``demo_choice``: two-option yes/no questions about the world's facts ("Is the ball red? Option1: yes Option2:
+  no Answer format: option1/option2"), answered "the correct answer is option1/2", like WinoGrande. Test
+  questions ask about (entity, attribute) pairs that no training question asks about, so solving them needs the
+  facts the frozen model learned in pretraining. (Options listing two values, "Option1: red Option2: blue", were
+  tried first: the 2 M-parameter model could not learn to bind a value to its label in a few hundred steps.)
 - ``demo_math``: one-step word problems, answered "3 + 4 = 7. The answer is 7.", like math_10k/50k.
 
 The module is imported by ``scripts/make_demo_data.py``, ``scripts/pretrain_tiny_moe.py`` and
