@@ -22,7 +22,7 @@ import torch
 from perft_cli.arch import find_moe_blocks
 from perft_cli.perft import PerftConfig, attach, detach
 from perft_cli.perft.experts import DENSE_MAX_WIDTH, ExpertBank
-from perft_cli.tiny import tiny_model
+from perft_cli.tiny import BENCH_OLMOE, tiny_model
 
 
 def loop_forward(self: ExpertBank, h, index=None, weights=None):
@@ -43,17 +43,7 @@ def loop_forward(self: ExpertBank, h, index=None, weights=None):
 
 
 def make_model(experts: int, top_k: int):
-    return tiny_model(
-        "olmoe",
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_experts=experts,
-        num_experts_per_tok=top_k,
-        vocab_size=1024,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-    )
+    return tiny_model("olmoe", **{**BENCH_OLMOE, "num_experts": experts, "num_experts_per_tok": top_k})
 
 
 def one_step(model, ids) -> float:

@@ -21,16 +21,9 @@ from pathlib import Path
 
 import torch
 
-SHAPE = dict(
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=4,
-    num_experts=16,
-    num_experts_per_tok=4,
-    vocab_size=1024,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-)
+from perft_cli.tiny import BENCH_OLMOE
+
+SHAPE = BENCH_OLMOE
 MICRO, BATCH, SEQ = 4, 8, 128
 
 

@@ -74,6 +74,18 @@ _FAMILY: dict[str, dict[str, Any]] = {
 
 FAMILIES = tuple(_FAMILY)
 
+# The OLMoE-shaped CPU benchmark model of platform.md's speed reference (benchmarks/): 16 experts top-4 by default.
+BENCH_OLMOE: dict[str, Any] = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_experts=16,
+    num_experts_per_tok=4,
+    vocab_size=1024,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+)
+
 
 def tiny_config(model_type: str, **overrides: Any) -> PretrainedConfig:
     """A tiny config of the family ``model_type`` (see FAMILIES); keyword arguments override any field."""

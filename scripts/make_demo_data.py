@@ -10,21 +10,12 @@ lives in scripts/demo_data.py.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
 
 
-def _load_demo_data():
-    spec = importlib.util.spec_from_file_location("demo_data", Path(__file__).with_name("demo_data.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["demo_data"] = module  # dataclasses need the module registered
-    spec.loader.exec_module(module)
-    return module
-
-
 def main(argv: list[str] | None = None) -> None:
-    demo_data = _load_demo_data()
+    demo_data = importlib.import_module("demo_data")  # scripts/ is on sys.path when run as a script
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo/data"), help="output directory")
     parser.add_argument("--seed", type=int, default=demo_data.SEED, help="world and task seed")

@@ -19,10 +19,9 @@ command above (final LM loss ~0.74, 552 s).
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -31,14 +30,6 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3
-
-
-def load_demo_data():
-    spec = importlib.util.spec_from_file_location("demo_data", Path(__file__).with_name("demo_data.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["demo_data"] = module  # dataclasses need the module registered
-    spec.loader.exec_module(module)
-    return module
 
 
 def instruction_docs(dd, seed: int, n: int) -> list[tuple[str, ...]]:
@@ -177,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    dd = load_demo_data()
+    dd = importlib.import_module("demo_data")  # scripts/ is on sys.path when run as a script
     data_seed = dd.SEED if args.data_seed is None else args.data_seed
 
     corpus = dd.pretrain_corpus(data_seed)

@@ -116,9 +116,7 @@ def tiny():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (MODEL / "model.safetensors").is_file():
-        pytest.skip(
-            "demo/tiny-moe is not shipped yet (issue 7 open): python scripts/pretrain_tiny_moe.py --out demo/tiny-moe"
-        )
+        pytest.skip("demo/tiny-moe is missing; make it with: python scripts/pretrain_tiny_moe.py --out demo/tiny-moe")
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     model = AutoModelForCausalLM.from_pretrained(MODEL).eval()
     return model, tokenizer
