@@ -19,6 +19,8 @@ from perft_cli.perft import (
     detach,
     load_adapter_state_dict,
     load_balancing_loss,
+    topk_indices,
+    topk_route,
 )
 from perft_cli.perft.experts import ExpertBank
 from perft_cli.tiny import FAMILIES, tiny_model
@@ -323,3 +325,26 @@ def test_dropout_is_active_in_training_only():
         assert torch.equal(adapter(h), adapter(h))  # eval mode: deterministic
         adapter.train()
         assert not torch.equal(adapter(h), adapter(h))
+
+
+@pytest.mark.parametrize("n,k", [(8, 1), (8, 2), (64, 2), (64, 4), (64, 8), (3, 3)])
+def test_topk_indices_equal_torch_topk(n, k):
+    scores = torch.randn(257, n, generator=torch.Generator().manual_seed(n * 10 + k))
+    assert torch.equal(topk_indices(scores, k), torch.topk(scores, k, dim=-1).indices)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_topk_route_equals_softmax_then_topk(renormalize):
+    """The fast form (top-K of the logits, softmax over the K chosen) equals the equation's softmax-then-top-K."""
+    logits = torch.randn(64, 16, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    w, idx = topk_route(logits, 2, renormalize)
+    p = F.softmax(logits, dim=-1)
+    w_ref, idx_ref = torch.topk(p, 2, dim=-1)
+    if renormalize:
+        w_ref = w_ref / w_ref.sum(-1, keepdim=True)
+    assert torch.equal(idx, idx_ref)
+    torch.testing.assert_close(w, w_ref)
+    g = torch.randn(64, 2, generator=torch.Generator().manual_seed(4))
+    (grad,) = torch.autograd.grad((w * g).sum(), logits)
+    (grad_ref,) = torch.autograd.grad((w_ref * g).sum(), logits)
+    torch.testing.assert_close(grad, grad_ref)

@@ -11,7 +11,7 @@ from perft_cli.perft.inject import (
     freeze_base,
     load_adapter_state_dict,
 )
-from perft_cli.perft.routing import expert_counts, load_balancing_loss, load_stats, topk_route
+from perft_cli.perft.routing import expert_counts, load_balancing_loss, load_stats, topk_indices, topk_route
 
 __all__ = [
     "VARIANTS",
@@ -29,5 +29,6 @@ __all__ = [
     "load_adapter_state_dict",
     "load_balancing_loss",
     "load_stats",
+    "topk_indices",
     "topk_route",
 ]

@@ -121,11 +121,15 @@ class ExpertBank(nn.Module):
         order = flat.argsort(stable=True)  # [T*K] pairs sorted by expert
         offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)  # [N]
         xs = x.index_select(0, order // K)  # [T*K, D] token rows in expert order
-        z = self._bottleneck(_grouped_mm(xs, self.perft_A, offs))  # [T*K, r]
-        ys = _grouped_mm(z.contiguous(), self.perft_B, offs)  # [T*K, D]
-        y = torch.empty_like(ys).index_copy(0, order, ys)  # [T*K, D] back in (token, slot) order
-        # Summing the K slots of a token in a fixed order keeps the result deterministic (no atomics).
-        return (y.view(T, K, -1) * weights.to(y.dtype)[:, :, None]).sum(1)  # [T, D]
+        # Each pair's routing weight multiplies its r-wide bottleneck, not its D-wide output (same product, D/r
+        # times less work); it comes after the nonlinearity of the parallel form, so both forms stay exact.
+        gate = weights.to(x.dtype).reshape(-1).index_select(0, order)[:, None]  # [T*K, 1]
+        z = self._bottleneck(_grouped_mm(xs, self.perft_A, offs)) * gate  # [T*K, r]
+        ys = _grouped_mm(z, self.perft_B, offs)  # [T*K, D]
+        # Back to (token, slot) order with a gather by the inverse permutation, then a fixed-order sum over the K
+        # slots: deterministic on every device (no atomics), and one pass over [T*K, D] fewer than a scatter.
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return ys.index_select(0, inverse).view(T, K, -1).sum(1)  # [T, D]
 
     def extra_repr(self) -> str:
         return f"N={self.num_experts}, D={self.hidden_size}, r={self.rank}, form={self.form}, impl={self.impl}"
