@@ -43,18 +43,26 @@ def loop_forward(self: ExpertBank, h, index=None, weights=None):
     return out
 
 
-def make_model(experts: int, top_k: int):
-    return tiny_model("olmoe", **{**BENCH_OLMOE, "num_experts": experts, "num_experts_per_tok": top_k})
+def make_model(experts: int, top_k: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    model = tiny_model("olmoe", dtype=dtype, **{**BENCH_OLMOE, "num_experts": experts, "num_experts_per_tok": top_k})
+    return model.to(device)
 
 
-CLOCK = time.perf_counter  # main() switches to the thread's CPU time with --threads 1
+CLOCK = time.perf_counter  # main() switches to the thread's CPU time with --threads 1 on the CPU
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def one_step(model, ids) -> float:
     """Seconds for one forward + backward; the gradient flows to the input embeddings (and any adapter)."""
     inputs = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # [B, S, D]
+    _sync(ids.device)
     t0 = CLOCK()
     model(inputs_embeds=inputs).logits.float().pow(2).mean().backward()
+    _sync(ids.device)
     dt = CLOCK() - t0
     model.zero_grad(set_to_none=True)
     return dt
@@ -102,18 +110,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4, help="sequences per step (the reference setup uses 16)")
     ap.add_argument("--seq", type=int, default=128, help="tokens per sequence (the reference setup uses 256)")
+    ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 base, fp32 adapters)")
     args = ap.parse_args()
     global CLOCK
     torch.set_num_threads(args.threads)
-    if args.threads == 1:
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.threads == 1 and device.type == "cpu":
         # One thread runs every op on this thread: its CPU time leaves out the time other processes of a shared
         # machine take the core, which wall time counts (a few-ms overhead on a 200 ms step drowns in that).
         CLOCK = time.thread_time
     torch.manual_seed(0)
-    ids = torch.randint(0, 1024, (args.batch, args.seq))
-    shape = f"{args.batch}x{args.seq} tokens"
+    ids = torch.randint(0, 1024, (args.batch, args.seq)).to(device)
+    shape = f"{args.batch}x{args.seq} tokens, {'bf16 ' + args.device if device.type == 'cuda' else 'fp32 CPU'}"
 
-    model = make_model(16, 4)
+    model = make_model(16, 4, args.device, dtype)
     r, k = 16, 2
     ns = (2, 8, 32, 64)
     cands: dict[str, tuple[PerftConfig | None, str]] = {"base": (None, "")}
@@ -124,7 +135,7 @@ def main() -> None:
         cands[f"loop{n}"] = (cfg, "loop")
     t = compare(model, ids, cands, args.repeats)
     base = t["base"]
-    print(f"PERFT-R, K={k}, r={r}, lora experts; OLMoE-shaped 16x top-4, 4 layers, {shape}, fp32 CPU")
+    print(f"PERFT-R, K={k}, r={r}, lora experts; OLMoE-shaped 16x top-4, 4 layers, {shape}")
     clock = "thread CPU time" if CLOCK is time.thread_time else "wall time"
     print(f"frozen base forward+backward: {base * 1e3:.1f} ms (median of {args.repeats}, round-robin, {clock})")
     print("overhead = step - base step of the same round (median); auto = the path the bank picks (DENSE_MAX_WIDTH)")
@@ -160,7 +171,7 @@ def main() -> None:
         dense, grouped = t[f"ovh:dense{n}"] * 1e3, t[f"ovh:grouped{n}"] * 1e3
         print(f"{n:>4} {rank:>4} {n * rank:>5} {dense:>8.1f} {grouped:>8.1f}  {pick}")
 
-    model = make_model(64, 8)
+    model = make_model(64, 8, args.device, dtype)
     cfg = PerftConfig(variant="perft-e", rank=r, dropout=0.0)
     t = compare(model, ids, {"base": (None, ""), "stacked": (cfg, "auto"), "loop": (cfg, "loop")}, args.repeats)
     base, st, lp = t["base"], t["stacked"], t["loop"]
