@@ -184,15 +184,22 @@ def resolve_tasks(names: list[str], data_dir: str | Path | None) -> list[tuple[T
 
 
 def load_records(task: Task, folder: Path | None, data_dir: str | Path | None) -> tuple[Task, list[dict], Path]:
-    """The task's test records (``instruction``, ``input``, ``answer``) and the task, its kind inferred if custom.
+    """The task's test records (``instruction``, ``input``, ``answer``), the task (its kind inferred if custom) and
+    the file they were read from.
 
+    Without a ``test.json`` (``folder`` None), a registry task's hub dataset is converted to the same records and
+    cached (``hub_tasks.hub_test_file``); the returned path is then the cached file. A custom task needs its file.
     Every problem is a one-line DataError naming the file (and record number and field for broken records).
     """
     if folder is None:
-        # TODO: convert the hub datasets (boolq, piqa, ...) to this record form when a hub is reachable.
         where = f"{Path(data_dir) / task.name / 'test.json'}" if data_dir else "no --data-dir / eval.data_dir given"
-        raise DataError(f"no test file for task {task.name!r} ({where}); to get the files: {GET_FILES}")
-    path = folder / "test.json"
+        if task.custom or task.name not in TASKS:
+            raise DataError(f"no test file for task {task.name!r} ({where}); to get the files: {GET_FILES}")
+        from perft_cli.hub_tasks import hub_test_file  # imports datasets only when a file is missing
+
+        path = hub_test_file(task.name, where)
+    else:
+        path = folder / "test.json"
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:

@@ -19,6 +19,19 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "llm-adapters"
 CONFIGS = Path(__file__).resolve().parent / "data" / "configs"
 
 
+@pytest.fixture(autouse=True)
+def _no_hub_tasks(tmp_path_factory, monkeypatch):
+    """Tests never reach the hub for eval tasks nor read a user's cache: an empty mirror and a fresh cache.
+
+    Without this, tests that expect "no test file" errors would convert a hub dataset on a machine with internet.
+    Tests of the hub path set their own mirror and cache (monkeypatch wins).
+    """
+    root = tmp_path_factory.mktemp("hub-tasks")
+    (root / "mirror").mkdir()
+    monkeypatch.setenv("PERFT_HUB_TASKS_DIR", str(root / "mirror"))
+    monkeypatch.setenv("PERFT_CACHE", str(root / "cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A function family -> directory of a saved tiny random model (safetensors + byte tokenizer), cached."""
