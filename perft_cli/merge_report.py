@@ -1,0 +1,114 @@
+"""What a merge tells its user: the README.md model card written into the output and the terminal summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _eval_rows(data: Any) -> list[tuple[str, str, str]]:
+    """(task, accuracy, examples) rows from a ``perft eval`` results JSON ({"tasks": {...}, "averages": {...}})."""
+    if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
+        return []
+    rows = []
+    for task, res in data["tasks"].items():
+        if isinstance(res, dict) and isinstance(res.get("accuracy"), int | float):
+            rows.append((str(task), f"{res['accuracy']:.4f}", str(res.get("examples", ""))))
+    for kind, value in (data.get("averages") or {}).items():
+        if isinstance(value, int | float):
+            rows.append((f"average ({kind})", f"{value:.4f}", ""))
+    return rows
+
+
+def model_card(recipe: Any, result: dict[str, Any], family: str) -> str:
+    """README.md of the output: base model, variant, N/K/r, how to load, verification, eval results, recipe."""
+    a, variant = recipe.adapter, result["variant"]
+    base = recipe.model.name_or_path
+    hub_like = not Path(base).exists() and base.count("/") <= 1
+    front = ["---", "library_name: " + ("transformers" if variant == "lora" else "perft-cli"), "tags: [perft, moe]"]
+    front += [f"base_model: {base}"] if hub_like else []
+    shape = {
+        "perft-r": f"N={a.num_experts} PEFT experts, top-K={a.top_k} by a new router",
+        "perft-e": "one PEFT expert per base expert, gated by the frozen router",
+        "perft-d": f"N={a.num_experts} always-active PEFT experts",
+        "perft-s": "one always-active PEFT expert",
+        "lora": f"LoRA on {', '.join(a.target_modules or ['the attention q/v projections'])}",
+    }[variant]
+    v = result["verification"]
+    lines = [
+        *front,
+        "---",
+        f"# {variant} fine-tune of {Path(base).name if not hub_like else base}",
+        "",
+        f"- base model: `{base}` ({family}), weights in {result['dtype']}",
+        f"- adapter: {variant}, {shape}; rank r={a.rank}, alpha={a.alpha if a.alpha is not None else 2 * a.rank}"
+        + (f", expert form {a.expert}" if variant != "lora" else ""),
+        f"- merge: {result['action']}",
+        *[f"- note: {n}" for n in result["notes"]],
+        f"- verified: max |logit difference| to the unmerged model {v['max_abs_logit_diff']:.3g} on "
+        f"{v['positions']} token positions (tolerance {v['tolerance']:.3g} = {v['rtol']:g} x max |logit|)",
+        "",
+        "## How to load",
+        "",
+        "```python",
+    ]
+    if v["fold_error_rounding_units"] is not None:
+        fold = f"- fold check: every merged weight within {v['fold_error_rounding_units']:.2f}x the rounding bound"
+        lines.insert(lines.index("## How to load") - 1, fold + " of the exact W + s*B@A")
+    if variant == "lora":
+        lines += [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            'model = AutoModelForCausalLM.from_pretrained("PATH", dtype="auto")',
+            'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+        ]
+    else:
+        lines += ["from perft_cli.merge import load_merged", 'model, tokenizer = load_merged("PATH")']
+    lines += ["```", "", f"PATH is this directory (written as `{result['out']}`).", ""]
+    if variant != "lora":
+        lines += [
+            "The PERFT experts run from forward hooks beside each MoE block (`pip install perft-cli`). Evaluate with",
+            "`perft eval --ckpt PATH`. Files: `model.safetensors` (the base), `adapter.safetensors`, `recipe.yaml`.",
+            "",
+        ]
+    if result.get("eval"):
+        lines += ["## Evaluation results (from the training run)", ""]
+        for ev in result["eval"]:
+            res = ev["results"] if isinstance(ev["results"], dict) else {}
+            what = "adapted" if res.get("adapted", True) else "frozen base"
+            lines += [f"`{ev['file']}` ({what}, checkpoint `{res.get('checkpoint')}`)", ""]
+            lines += ["| task | accuracy | examples |", "|---|---|---|"]
+            lines += [f"| {t} | {acc} | {n} |" for t, acc, n in _eval_rows(res)] + [""]
+    lines += ["## Training recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def print_merge(result: dict[str, Any]) -> None:
+    """What was folded or exported, the verification, and how to load the output."""
+    from rich.markup import escape
+
+    from perft_cli.console import out
+
+    v = result["verification"]
+    what = "merged" if result["folded"] else "exported"
+    out.print(f"[bold]{what}[/] {escape(result['checkpoint'])} -> {escape(result['out'])}")
+    out.print(f"  {escape(result['action'])}")
+    for note in result["notes"]:
+        out.print(f"  [yellow]note:[/] {escape(note)}")
+    out.print(
+        f"  verified: max |logit diff| {v['max_abs_logit_diff']:.3g} <= tolerance {v['tolerance']:.3g} "
+        f"({result['dtype']}: {v['rtol']:g} x max |logit| {v['max_abs_logit']:.3g}; mean |diff| "
+        f"{v['mean_abs_logit_diff']:.2g} over {v['positions']} positions)"
+    )
+    if v["fold_error_rounding_units"] is not None:
+        out.print(
+            f"  fold check: every merged weight within {v['fold_error_rounding_units']:.2f}x the {result['dtype']} "
+            f"rounding bound of the exact W + s*B@A; saved vs folded in memory: max |logit diff| "
+            f"{v['roundtrip_max_abs_diff']:.3g}"
+        )
+    if result["folded"]:
+        out.print(f"  load: AutoModelForCausalLM.from_pretrained({escape(repr(result['out']))})")
+    else:
+        out.print(
+            f"  load: from perft_cli.merge import load_merged; model, tok = load_merged({escape(repr(result['out']))})"
+            f"  or  perft eval --ckpt {escape(result['out'])}"
+        )
