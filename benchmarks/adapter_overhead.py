@@ -104,6 +104,30 @@ def compare(model, ids, candidates: dict[str, tuple[PerftConfig | None, str]], r
     return out
 
 
+def layer_alone(ns, k: int, r: int, tokens: int, hidden: int, device, repeats: int) -> dict[tuple[int, str], float]:
+    """Median ms of one PerftAdapter's forward + backward on [tokens, hidden] inputs, without the model around it:
+    the same costs as the step overheads above with none of the base's noise (many more repeats fit)."""
+    from perft_cli.perft.block import PerftAdapter
+
+    h = torch.randn(tokens, hidden, device=device)
+    layers = {}
+    for n in ns:
+        for impl in ("auto", "grouped"):
+            cfg = PerftConfig(variant="perft-r", num_experts=n, top_k=k, rank=r, dropout=0.0, impl=impl)
+            layers[n, impl] = PerftAdapter(cfg, hidden, 16, 4, device=device)
+    times: dict[tuple[int, str], list[float]] = {key: [] for key in layers}
+    for i in range(repeats + 3):
+        for key, layer in layers.items():
+            x = h.clone().requires_grad_(True)
+            _sync(device)
+            t0 = CLOCK()
+            layer(x).pow(2).mean().backward()
+            _sync(device)
+            if i >= 3:
+                times[key].append(CLOCK() - t0)
+    return {key: statistics.median(t) * 1e3 for key, t in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
@@ -153,6 +177,17 @@ def main() -> None:
         f"overhead ratio N=64 / N=2: {auto_ratio:.2f} as picked (target <= 1.5), {grouped_ratio:.2f} on the grouped "
         f"path alone; stacked faster than loop for N >= 8: "
         f"{all(t[f'stacked{n}'] < t[f'loop{n}'] for n in ns if n >= 8)}"
+    )
+
+    tokens, hidden = args.batch * args.seq, BENCH_OLMOE["hidden_size"]
+    lt = layer_alone(ns, k, r, tokens, hidden, device, repeats=20 * args.repeats)
+    print(f"\none PERFT-R layer alone, forward+backward on [{tokens}, {hidden}] (median of {20 * args.repeats}), ms:")
+    print("   N    auto  grouped")
+    for n in ns:
+        print(f"{n:>4} {lt[n, 'auto']:>7.3f} {lt[n, 'grouped']:>8.3f}")
+    print(
+        f"layer ratio N=64 / N=2: {lt[64, 'auto'] / lt[2, 'auto']:.2f} as picked, "
+        f"{lt[64, 'grouped'] / lt[2, 'grouped']:.2f} on the grouped path alone"
     )
 
     print(
