@@ -172,6 +172,14 @@ def eval_(
             "(not comparable; needs perft-cli[lm-eval]).",
         ),
     ] = "generation",
+    lm_eval_include: Annotated[
+        Path | None,
+        typer.Option(
+            "--lm-eval-include",
+            help="With --mode lm-eval: a folder of lm-eval task YAMLs (e.g. demo/lm_eval), indexed with lm-eval's "
+            "own tasks; without --tasks, every task defined in it.",
+        ),
+    ] = None,
 ) -> None:
     """Evaluate with the paper's protocol (LLM-Adapters prompts, 4-beam search, exact answer extraction)."""
     from perft_cli.evaluate import run_eval
@@ -190,6 +198,7 @@ def eval_(
         overrides=overrides,
         batch_size=batch_size,
         mode=mode,
+        lm_eval_include=lm_eval_include,
     )
 
 

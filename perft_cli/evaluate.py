@@ -2,10 +2,9 @@
 
 Generation protocol: the LLM-Adapters evaluation prompt byte for byte (``prompts.eval_prompt``), deterministic 4-beam
 search, 4 new tokens for commonsense and 256 for arithmetic, the text after the last "### Response:", and the exact
-extraction rules of ``tasks.extract_answer``. Prompts are generated in batches with left padding, longest first
-(a too-large batch fails on the first batch, and similar lengths waste little padding), each prompt run once rather
-than once per beam; outputs are put back in the file's order. Results go to a JSON file (with the protocol settings,
-recipe and checkpoint) and a JSON Lines file with every example; the rich table on stdout is presentation only.
+extraction rules of ``tasks.extract_answer``, generated in batches (``generation``). Results go to a JSON file (with
+the protocol settings, recipe and checkpoint) and a JSON Lines file with every example; the rich table on stdout is
+presentation only. ``--mode lm-eval`` hands the loaded model to lm-evaluation-harness instead (``harness``).
 """
 
 from __future__ import annotations
@@ -13,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from perft_cli import harness
 from perft_cli.errors import PerftError
-from perft_cli.prompts import eval_prompt, response_of
+from perft_cli.generation import GENERATION, evaluate_task, generate_responses
+from perft_cli.prompts import eval_prompt
 from perft_cli.tasks import (
     ARITHMETIC,
     ARITHMETIC_TASKS,
@@ -27,8 +27,6 @@ from perft_cli.tasks import (
     TASKS,
     Task,
     extract_answer,
-    is_correct,
-    known_task,
     load_records,
     resolve_tasks,
 )
@@ -36,137 +34,6 @@ from perft_cli.tasks import (
 __all__ = ["extract_answer", "generate_responses", "run_eval"]
 
 PROMPT_TEMPLATE = "llm-adapters-eval"  # prompts.eval_prompt; its bytes are hashed into the results JSON
-# Decoding of the reference (LLM-Adapters commonsense_evaluate.py / evaluate.py): a fresh GenerationConfig with
-# num_beams=4 and everything else at transformers' defaults (early_stopping False; temperature/top_p/top_k are
-# ignored without sampling). Pinned explicitly so that a model's generation_config.json cannot change them.
-GENERATION = dict(
-    do_sample=False,
-    early_stopping=False,
-    length_penalty=1.0,
-    repetition_penalty=1.0,
-    no_repeat_ngram_size=0,
-    num_return_sequences=1,
-)
-LM_EVAL_NAMES = {  # our task names -> lm-evaluation-harness task names
-    "boolq": "boolq",
-    "piqa": "piqa",
-    "social_i_qa": "social_iqa",
-    "hellaswag": "hellaswag",
-    "winogrande": "winogrande",
-    "ARC-Easy": "arc_easy",
-    "ARC-Challenge": "arc_challenge",
-    "openbookqa": "openbookqa",
-    "gsm8k": "gsm8k",
-}
-LM_EVAL_INSTALL = "--mode lm-eval needs lm-evaluation-harness: pip install 'perft-cli[lm-eval]'"
-
-
-# --- generation ------------------------------------------------------------------------------------------------
-
-
-def iter_responses(
-    model,
-    tokenizer,
-    prompts: list[str],
-    *,
-    batch_size: int,
-    num_beams: int,
-    max_new_tokens: int,
-    shared_prefill: bool = True,
-) -> Iterator[list[tuple[int, str]]]:
-    """Yield ``[(prompt index, response)]`` batch by batch, longest prompts first (left-padded beam search).
-
-    ``shared_prefill``: run the prompt once per example instead of once per beam (see ``_prefill``); the answers
-    are the same (tested on every family), generation is 2-4x faster when the prompt dominates (commonsense).
-    """
-    import torch
-
-    tokenizer.padding_side = "left"  # generation continues from the last column, so padding goes on the left
-    ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))  # stable: ties keep the file's order
-    device = model.get_input_embeddings().weight.device
-    eos = model.generation_config.eos_token_id
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(device)  # [B, S]
-        with torch.inference_mode():
-            cache = _prefill(model, batch, num_beams) if shared_prefill else None
-            # position_ids follow the attention mask (generate derives them), so padding does not shift positions.
-            out = model.generate(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                past_key_values=cache,
-                num_beams=num_beams,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
-                **GENERATION,
-            )  # [B, S + new]
-        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-        yield [(i, response_of(t)) for i, t in zip(idx, texts, strict=True)]
-
-
-def _prefill(model, batch, num_beams: int):
-    """The KV cache of all prompt tokens but the last, computed once and repeated for each beam (or None).
-
-    generate() expands the prompt to B * num_beams rows before its first forward, so the prompt (most of the cost
-    with 4 new tokens) would run num_beams times. generate() then processes only the last prompt token, from this
-    cache; positions are computed from the attention mask exactly as generate() does.
-    """
-    ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, S]
-    if num_beams == 1 or ids.shape[1] < 2 or model.generation_config.cache_implementation not in (None, "dynamic"):
-        return None
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [B, S], as generate() derives them
-    out = model(
-        input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True,
-        logits_to_keep=1,
-    )  # fmt: skip
-    cache = getattr(out, "past_key_values", None)
-    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-        return None
-    cache.batch_repeat_interleave(num_beams)  # [B * num_beams, ...], the row order of generate()'s expansion
-    return cache
-
-
-def generate_responses(model, tokenizer, prompts: list[str], **kwargs: Any) -> list[str]:
-    """Responses to ``prompts`` in their order (see ``iter_responses`` for the keyword arguments)."""
-    responses = [""] * len(prompts)
-    for batch in iter_responses(model, tokenizer, prompts, **kwargs):
-        for i, text in batch:
-            responses[i] = text
-    return responses
-
-
-def evaluate_task(
-    model,
-    tokenizer,
-    task: Task,
-    records: list[dict],
-    *,
-    batch_size: int,
-    num_beams: int,
-    max_new_tokens: int,
-    on_batch: Callable[[int, int], None] | None = None,
-) -> list[dict]:
-    """Generate, extract and score every record; one row per example, in the file's order."""
-    prompts = [eval_prompt(r["instruction"], r["input"], commonsense=task.kind == COMMONSENSE) for r in records]
-    rows: list[dict | None] = [None] * len(records)
-    done = correct = 0
-    for batch in iter_responses(
-        model, tokenizer, prompts, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens
-    ):
-        for i, text in batch:
-            pred = extract_answer(task, text)
-            ok = is_correct(task, pred, records[i]["answer"])
-            rows[i] = dict(
-                task=task.name, index=i, prompt=prompts[i], generated=text, prediction=pred,
-                gold=records[i]["answer"], correct=ok,
-            )  # fmt: skip
-            correct += ok
-        done += len(batch)
-        if on_batch:
-            on_batch(done, correct)
-    return rows  # type: ignore[return-value]
 
 
 # --- the command -----------------------------------------------------------------------------------------------
@@ -185,6 +52,7 @@ def run_eval(
     batch_size: int | None = None,
     max_new_tokens: int | None = None,
     mode: str = "generation",
+    lm_eval_include: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (or the frozen base) and write the results JSON (+ per-example JSON Lines)."""
     from perft_cli.checkpoint import load_trained
@@ -192,16 +60,28 @@ def run_eval(
     if mode not in ("generation", "lm-eval"):
         raise PerftError(f"--mode {mode!r}: expected 'generation' (the paper's protocol) or 'lm-eval'")
     if mode == "lm-eval":
-        _require_lm_eval()  # before minutes of model loading
+        harness.require_lm_eval()  # before minutes of model loading
+        if data_dir is not None:
+            raise PerftError(
+                "--data-dir holds LLM-Adapters test files for the generation protocol; lm-eval reads each task's own "
+                "data (local task YAMLs: --lm-eval-include DIR)"
+            )
+    elif lm_eval_include is not None:
+        raise PerftError("--lm-eval-include only applies with --mode lm-eval")
     recipe, ckpt_path = _recipe(ckpt, recipe_path, base, overrides or [])
     cfg = recipe.eval
     limit = limit or cfg.limit
     batch_size = batch_size or cfg.batch_size
     max_new_tokens = max_new_tokens or cfg.max_new_tokens  # None: each task's default
-    names = tasks or cfg.tasks or _default_tasks(recipe, mode)
+    if mode == "lm-eval" and not tasks and lm_eval_include is not None:
+        names = harness.local_tasks(lm_eval_include)  # --lm-eval-include DIR alone: every task defined there
+    else:
+        names = tasks or cfg.tasks or _default_tasks(recipe, mode)
     data_dir = data_dir or cfg.data_dir
     if mode == "generation":  # read (and check) the data before loading the model
         loaded = [load_records(t, folder, data_dir) for t, folder in resolve_tasks(names, data_dir)]
+    else:  # find the lm-eval tasks before loading the model
+        lm_tasks = harness.task_manager(names, lm_eval_include)
     model, tokenizer, recipe, _, _ = load_trained(ckpt_path, base=base, recipe=recipe)
     _place(model)
     json_file = Path(json_path) if json_path else _default_json(ckpt_path, recipe, base, mode)
@@ -209,11 +89,11 @@ def run_eval(
     examples_file = json_file.with_name(json_file.stem + ".examples.jsonl")
     started = time.time()
     if mode == "lm-eval":
-        result = _run_lm_eval(model, tokenizer, names, batch_size=batch_size, limit=limit)
+        result = harness.run_lm_eval(model, tokenizer, *lm_tasks, examples_file, batch_size=batch_size, limit=limit)
     else:
         settings = dict(batch_size=batch_size, num_beams=cfg.num_beams, max_new_tokens=max_new_tokens)
         result = _run_generation(model, tokenizer, loaded, examples_file, limit=limit, **settings)
-        result["examples_file"] = str(examples_file)
+    result["examples_file"] = str(examples_file)
     result.update(
         checkpoint=str(ckpt_path) if ckpt_path else None,
         adapted=not base,
@@ -230,7 +110,7 @@ def run_eval(
     _print_table(result)
     from perft_cli.console import info
 
-    info(f"results: {json_file}" + (f"\nper-example outputs: {examples_file}" if mode == "generation" else ""))
+    info(f"results: {json_file}\nper-example outputs: {examples_file}")
     return result
 
 
@@ -310,40 +190,6 @@ def _template_sha(commonsense: bool) -> str:
     return hashlib.sha256(eval_prompt("{instruction}", "", commonsense).encode()).hexdigest()
 
 
-# --- lm-evaluation-harness -------------------------------------------------------------------------------------
-
-
-def _require_lm_eval() -> None:
-    try:
-        import lm_eval  # noqa: F401
-        from lm_eval.models.huggingface import HFLM  # noqa: F401
-    except ImportError:
-        raise PerftError(LM_EVAL_INSTALL) from None
-
-
-def _run_lm_eval(model, tokenizer, names: list[str], *, batch_size: int, limit: int | None) -> dict:
-    """Log-likelihood scoring of lm-eval tasks on the loaded model (adapters attached): a different protocol."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-
-    lm_names = [LM_EVAL_NAMES.get(t.name, n) if (t := known_task(n)) else n for n in names]
-    out = lm_eval.simple_evaluate(
-        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size), tasks=lm_names, limit=limit
-    )
-    per_task = {}
-    for name, metrics in (out or {}).get("results", {}).items():
-        scores = {k.replace(",none", ""): v for k, v in metrics.items() if isinstance(v, int | float) and "," in k}
-        n = (out.get("n-samples") or {}).get(name, {}).get("effective")
-        per_task[name] = dict(examples=n, accuracy=scores.get("acc"), acc_norm=scores.get("acc_norm"), metrics=scores)
-    return dict(
-        protocol="lm-eval",
-        protocol_note="lm-evaluation-harness log-likelihood scoring: NOT comparable with the generation protocol "
-        "(the paper's numbers)",
-        settings=dict(batch_size=batch_size, lm_eval_tasks=lm_names, lm_eval_version=_version("lm-eval")),
-        tasks=per_task,
-    )
-
-
 # --- plumbing --------------------------------------------------------------------------------------------------
 
 
@@ -400,17 +246,8 @@ def _place(model) -> None:
         model.to("cuda")
 
 
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
 def _versions() -> dict[str, str | None]:
-    return {d: _version(d) for d in ("perft-cli", "torch", "transformers", "peft")}
+    return {d: harness.dist_version(d) for d in ("perft-cli", "torch", "transformers", "peft")}
 
 
 def _print_table(result: dict) -> None:
@@ -420,23 +257,21 @@ def _print_table(result: dict) -> None:
 
     if not is_main_process():
         return
-    lm = result["protocol"] == "lm-eval"
-    title = "lm-evaluation-harness, log-likelihood (NOT comparable with the paper)" if lm else "generation protocol"
+    if result["protocol"] == "lm-eval":
+        return harness.print_table(result)
     who = "adapted " + str(result["checkpoint"]) if result["adapted"] else f"base {result['model']}"
-    table = Table(title=f"perft eval: {who}\n{title}", caption=result["protocol_note"] if lm else None)
-    for col in ("task", "kind", "examples", "accuracy %") + (("acc_norm %",) if lm else ()):
+    table = Table(title=f"perft eval: {who}\ngeneration protocol")
+    for col in ("task", "kind", "examples", "accuracy %"):
         table.add_column(col, justify="left" if col in ("task", "kind") else "right")
-    pct = lambda x: "-" if x is None else f"{100 * x:.2f}"  # noqa: E731
     for name, t in result["tasks"].items():
-        limited = "" if lm or t["complete"] else " *"
-        extra = (pct(t["acc_norm"]),) if lm else ()
-        table.add_row(name, t.get("kind", "-"), f"{t['examples']}{limited}", pct(t["accuracy"]), *extra)
+        limited = "" if t["complete"] else " *"
+        table.add_row(name, t.get("kind", "-"), f"{t['examples']}{limited}", harness.pct(t["accuracy"]))
     averages = {k: v for k, v in (result.get("averages") or {}).items() if v is not None}
     if averages:
         table.add_section()
     for kind, acc in averages.items():
         n = sum(t["kind"] == kind for t in result["tasks"].values())
-        table.add_row(f"[bold]average {kind}[/]", f"{n} task{'s' * (n > 1)}", "", f"[bold]{pct(acc)}[/]")
-    if not lm and any(not t["complete"] for t in result["tasks"].values()):
+        table.add_row(f"[bold]average {kind}[/]", f"{n} task{'s' * (n > 1)}", "", f"[bold]{harness.pct(acc)}[/]")
+    if any(not t["complete"] for t in result["tasks"].values()):
         table.caption = "* not the paper's full test set: not comparable with published numbers"
     out.print(table)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -142,50 +141,3 @@ def test_eval_user_errors_are_one_line(setup, tmp_path, monkeypatch, args, messa
 def test_eval_needs_checkpoint_or_base_recipe():
     r = _invoke(["--tasks", "boolq"])
     assert r.exit_code == 1 and "pass --ckpt DIR" in r.stderr
-
-
-def test_lm_eval_mode_is_labelled_as_another_protocol(setup, tmp_path, monkeypatch):
-    """With a stand-in lm_eval module: the model and tokenizer are handed over and the output is labelled."""
-    root, _, _ = setup
-    seen = {}
-
-    class HFLM:
-        def __init__(self, pretrained, tokenizer, batch_size):
-            seen.update(model=pretrained, tokenizer=tokenizer, batch_size=batch_size)
-
-    def simple_evaluate(model, tasks, limit):
-        seen.update(tasks=tasks, limit=limit)
-        return {
-            "results": {
-                t: {"alias": t, "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.25} for t in tasks
-            },
-            "n-samples": {t: {"original": 100, "effective": 10} for t in tasks},
-        }
-
-    lm_eval = types.ModuleType("lm_eval")
-    lm_eval.simple_evaluate = simple_evaluate
-    models = types.ModuleType("lm_eval.models")
-    huggingface = types.ModuleType("lm_eval.models.huggingface")
-    huggingface.HFLM = HFLM
-    for name, module in (
-        ("lm_eval", lm_eval),
-        ("lm_eval.models", models),
-        ("lm_eval.models.huggingface", huggingface),
-    ):
-        monkeypatch.setitem(sys.modules, name, module)
-    out = tmp_path / "lm.json"
-    args = ["--ckpt", str(root / "run"), "--mode", "lm-eval", "--tasks", "arc-e,siqa,custom_task", "--json", str(out)]
-    r = _invoke(args + ["--limit", "10"])
-    assert r.exit_code == 0, r.output
-    assert seen["tasks"] == ["arc_easy", "social_iqa", "custom_task"] and seen["limit"] == 10
-    assert any("perft_" in n for n, _ in seen["model"].named_parameters())  # adapters attached
-    assert seen["tokenizer"] is not None and seen["batch_size"] == 8
-    assert "NOT comparable" in r.stdout
-    result = json.loads(out.read_text())
-    assert result["protocol"] == "lm-eval" and "NOT comparable" in result["protocol_note"]
-    assert result["tasks"]["arc_easy"] == {
-        "examples": 10,
-        "accuracy": 0.5,
-        "acc_norm": 0.25,
-        "metrics": {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.25},
-    }
