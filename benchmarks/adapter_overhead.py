@@ -22,6 +22,7 @@ import torch
 
 from perft_cli.arch import find_moe_blocks
 from perft_cli.perft import PerftConfig, attach, detach
+from perft_cli.perft.block import PerftAdapter
 from perft_cli.perft.experts import DENSE_MAX_WIDTH, ExpertBank
 from perft_cli.tiny import BENCH_OLMOE, tiny_model
 
@@ -107,8 +108,6 @@ def compare(model, ids, candidates: dict[str, tuple[PerftConfig | None, str]], r
 def layer_alone(ns, k: int, r: int, tokens: int, hidden: int, device, repeats: int) -> dict[tuple[int, str], float]:
     """Median ms of one PerftAdapter's forward + backward on [tokens, hidden] inputs, without the model around it:
     the same costs as the step overheads above with none of the base's noise (many more repeats fit)."""
-    from perft_cli.perft.block import PerftAdapter
-
     h = torch.randn(tokens, hidden, device=device)
     layers = {}
     for n in ns:
@@ -178,8 +177,17 @@ def main() -> None:
         f"path alone; stacked faster than loop for N >= 8: "
         f"{all(t[f'stacked{n}'] < t[f'loop{n}'] for n in ns if n >= 8)}"
     )
+    hidden = BENCH_OLMOE["hidden_size"]
+    act = {  # method.md: K experts of 2 D r each, plus the router's N D
+        n: PerftAdapter(PerftConfig(num_experts=n, top_k=k, rank=r), hidden, 16, 4, device="meta").activated_params()
+        for n in (2, 64)
+    }
+    print(
+        f"activated parameters per token and layer (method.md, router included): N=2 {act[2]:,}, N=64 {act[64]:,}: "
+        f"a cost that followed them exactly would give {act[64] / act[2]:.2f}"
+    )
 
-    tokens, hidden = args.batch * args.seq, BENCH_OLMOE["hidden_size"]
+    tokens = args.batch * args.seq
     lt = layer_alone(ns, k, r, tokens, hidden, device, repeats=20 * args.repeats)
     print(f"\none PERFT-R layer alone, forward+backward on [{tokens}, {hidden}] (median of {20 * args.repeats}), ms:")
     print("   N    auto  grouped")
