@@ -169,7 +169,7 @@ def eval_(
         typer.Option(
             "--mode",
             help="generation: the paper's protocol. lm-eval: lm-evaluation-harness log-likelihood scoring "
-            "(not comparable; needs perft-cli[lm-eval]).",
+            "(not comparable; needs the lm-eval extra: pip install 'perft-cli\\[lm-eval]').",
         ),
     ] = "generation",
     lm_eval_include: Annotated[
