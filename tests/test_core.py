@@ -348,3 +348,21 @@ def test_topk_route_equals_softmax_then_topk(renormalize):
     (grad,) = torch.autograd.grad((w * g).sum(), logits)
     (grad_ref,) = torch.autograd.grad((w_ref * g).sum(), logits)
     torch.testing.assert_close(grad, grad_ref)
+
+
+def test_grouped_path_is_deterministic():
+    """Same inputs, same bits: the grouped path (index_add_ on the CPU) forward and gradients, run twice."""
+    torch.manual_seed(0)
+    bank = ExpertBank(16, 32, 4, impl="grouped")
+    with torch.no_grad():
+        bank.perft_B.normal_(0.0, 0.1)
+    h = torch.randn(300, 32)
+    index = torch.randn(300, 16).topk(3, dim=-1).indices
+    weights = torch.rand(300, 3)
+    runs = []
+    for _ in range(2):
+        x = h.clone().requires_grad_(True)
+        out = bank(x, index, weights)
+        grads = torch.autograd.grad(out.pow(2).sum(), [x, bank.perft_A, bank.perft_B])
+        runs.append((out, *grads))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
