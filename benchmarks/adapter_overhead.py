@@ -29,7 +29,7 @@ from perft_cli.tiny import BENCH_OLMOE, tiny_model
 
 def loop_forward(self: ExpertBank, h, index=None, weights=None):
     """The per-expert loop that MoE LoRA tools use: select each expert's tokens, run it, scatter back."""
-    x = self.dropout(h.to(self.perft_A.dtype))  # [T, D]
+    x = self._input(h)  # [T, D]
     out = torch.zeros_like(x)
     if index is None:
         for e in range(self.num_experts):

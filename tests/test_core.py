@@ -366,3 +366,24 @@ def test_grouped_path_is_deterministic():
         grads = torch.autograd.grad(out.pow(2).sum(), [x, bank.perft_A, bank.perft_B])
         runs.append((out, *grads))
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@pytest.mark.parametrize("form", ["lora", "parallel"])
+def test_dropout_sits_where_method_md_puts_it(form):
+    """lora: (alpha/r) B A dropout(h); parallel: W2 silu(dropout(W1 h)), with the same random stream as the bank."""
+    torch.manual_seed(0)
+    bank = ExpertBank(3, 16, 4, form=form, dropout=0.5, impl="dense").train()
+    with torch.no_grad():
+        bank.perft_B.normal_(0.0, 0.1)
+    h = torch.randn(5, 16)
+    torch.manual_seed(123)
+    out = bank(h)  # perft-d: all 3 experts, weight 1
+    A, B = bank.perft_A.detach(), bank.perft_B.detach()
+    torch.manual_seed(123)
+    if form == "lora":
+        x = F.dropout(h, 0.5, training=True)  # one mask on the input [T, D]
+        ref = sum(bank.scale * (x @ A[j]) @ B[j] for j in range(3))
+    else:
+        z = F.dropout(h @ A.permute(1, 0, 2).reshape(16, 12), 0.5, training=True).view(5, 3, 4)  # on W1 h
+        ref = sum(F.silu(z[:, j]) @ B[j] for j in range(3))
+    torch.testing.assert_close(out.detach(), ref)

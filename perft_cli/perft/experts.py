@@ -2,7 +2,7 @@
 
 One PEFT expert maps D -> D through a bottleneck of width r (method.md, "The PEFT expert"):
 - ``lora``:     Delta(h) = (alpha / r) * B A dropout(h)
-- ``parallel``: Delta(h) = W2 silu(W1 dropout(h))
+- ``parallel``: Delta(h) = W2 silu(dropout(W1 h))
 The bank holds all N down projections as ``perft_A [N, D, r]`` and all up projections as ``perft_B [N, r, D]``:
 every expert's parameters take part in every step (DDP never sees an unused parameter, no ZeRO hang on an expert
 that got no tokens), and two compute paths share them:
@@ -18,7 +18,9 @@ gathering the pairs costs a fixed amount per token (N*r=32: 4.2 vs 4.9 ms step o
 N*r=128 grouped already wins (step overhead 9.0 vs 11.6 ms; one layer alone 1.98 vs 2.81 ms at 512 tokens, and
 14.8 vs 20.5 ms at 2048 tokens of width 512), and it grows slowly with N after that.
 
-Dropout: one mask per token, shared by the experts that token visits, so both paths give identical results.
+Dropout where method.md puts it: on the input of a ``lora`` expert (one mask per token, shared by the experts that
+token visits, so both paths give identical results) and on the bottleneck ``W1 h`` of a ``parallel`` expert (one
+mask per token and expert; the two paths then draw different masks of the same distribution).
 """
 
 from __future__ import annotations
@@ -87,8 +89,14 @@ class ExpertBank(nn.Module):
         else:
             raise ValueError(f"unknown init {init!r}; expected reference or zero")
 
+    def _input(self, h: torch.Tensor) -> torch.Tensor:
+        """The experts' input in float32, with lora's input dropout: ``dropout(h)``."""
+        x = h.to(self.perft_A.dtype)
+        return self.dropout(x) if self.form == "lora" else x
+
     def _bottleneck(self, z: torch.Tensor) -> torch.Tensor:
-        return F.silu(z) if self.form == "parallel" else z * self.scale
+        """z = A h (or W1 h) -> what the up projection reads: ``(alpha / r) z`` or ``silu(dropout(z))``."""
+        return F.silu(self.dropout(z)) if self.form == "parallel" else z * self.scale
 
     def use_dense(self) -> bool:
         if self.impl != "auto":
@@ -103,7 +111,7 @@ class ExpertBank(nn.Module):
         h: [T, D]. index, weights: [T, K] (routed), or both None for all N experts with weight 1 (PERFT-D/S).
         Returns [T, D] in float32.
         """
-        x = self.dropout(h.to(self.perft_A.dtype))  # [T, D]
+        x = self._input(h)  # [T, D]
         if index is None or self.use_dense():
             return self._dense(x, index, weights)
         return self._grouped(x, index, weights)
