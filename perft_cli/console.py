@@ -52,3 +52,8 @@ def human_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
+
+
+def pct(x: float | None) -> str:
+    """A share as a percentage with two decimals for result tables, "-" when there is none."""
+    return "-" if x is None else f"{100 * x:.2f}"

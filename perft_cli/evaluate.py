@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from perft_cli import harness
+from perft_cli import dist_version, harness
 from perft_cli.errors import PerftError
 from perft_cli.generation import GENERATION, evaluate_task, generate_responses
 from perft_cli.prompts import eval_prompt
@@ -247,13 +247,13 @@ def _place(model) -> None:
 
 
 def _versions() -> dict[str, str | None]:
-    return {d: harness.dist_version(d) for d in ("perft-cli", "torch", "transformers", "peft")}
+    return {d: dist_version(d) for d in ("perft-cli", "torch", "transformers", "peft")}
 
 
 def _print_table(result: dict) -> None:
     from rich.table import Table
 
-    from perft_cli.console import is_main_process, out
+    from perft_cli.console import is_main_process, out, pct
 
     if not is_main_process():
         return
@@ -265,13 +265,13 @@ def _print_table(result: dict) -> None:
         table.add_column(col, justify="left" if col in ("task", "kind") else "right")
     for name, t in result["tasks"].items():
         limited = "" if t["complete"] else " *"
-        table.add_row(name, t.get("kind", "-"), f"{t['examples']}{limited}", harness.pct(t["accuracy"]))
+        table.add_row(name, t.get("kind", "-"), f"{t['examples']}{limited}", pct(t["accuracy"]))
     averages = {k: v for k, v in (result.get("averages") or {}).items() if v is not None}
     if averages:
         table.add_section()
     for kind, acc in averages.items():
         n = sum(t["kind"] == kind for t in result["tasks"].values())
-        table.add_row(f"[bold]average {kind}[/]", f"{n} task{'s' * (n > 1)}", "", f"[bold]{harness.pct(acc)}[/]")
+        table.add_row(f"[bold]average {kind}[/]", f"{n} task{'s' * (n > 1)}", "", f"[bold]{pct(acc)}[/]")
     if any(not t["complete"] for t in result["tasks"].values()):
         table.caption = "* not the paper's full test set: not comparable with published numbers"
     out.print(table)

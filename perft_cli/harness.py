@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from perft_cli import dist_version
+from perft_cli.console import pct
 from perft_cli.errors import PerftError
 from perft_cli.tasks import known_task
 
@@ -217,17 +219,3 @@ def print_table(result: dict) -> None:
         kind = LM_EVAL_TYPES.get(t["output_type"], t["output_type"] or "group")
         table.add_row(name, kind, examples, acc, acc_norm, other or "-")
     out.print(table)
-
-
-def pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}"
-
-
-def dist_version(dist: str) -> str | None:
-    """The installed version of distribution ``dist``, None when it is not installed."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
