@@ -192,6 +192,8 @@ def test_load_balancing_loss_equals_transformers():
     for m in (None, mask):
         want = load_balancing_loss_func(logits, 6, 2, m)
         torch.testing.assert_close(load_balancing_loss(list(logits), 6, 2, m), want)
+        recorded = [topk_route(lg, 2)[1] for lg in logits]  # what the routing recorder hands the training step
+        torch.testing.assert_close(load_balancing_loss(list(logits), 6, 2, m, index=recorded), want)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -51,24 +51,26 @@ def load_balancing_loss(
     num_experts: int,
     top_k: int,
     attention_mask: torch.Tensor | None = None,
+    index: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Switch-style load-balancing loss ``N * sum_i f_i P_i`` over all layers' router logits, padding masked.
 
     Same definition as transformers' ``load_balancing_loss_func`` (which the base model uses for its own router),
     so the PERFT router's aux loss is on the same scale as the model's: f_i counts top-K assignments per token
     (summing to K) and P_i is the mean router probability, both averaged over the non-padding tokens of all layers.
-    logits: one [T, N] tensor per layer; attention_mask: [B, S] with B*S = T, 1 for real tokens.
+    logits: one [T, N] tensor per layer; attention_mask: [B, S] with B*S = T, 1 for real tokens; index: each
+    layer's top-K [T, K] when the caller already has it (the routing recorder does), else taken from the logits.
     """
     device = logits[0].device
     mask = None if attention_mask is None else attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
     counts = torch.zeros(num_experts, dtype=torch.float32, device=device)  # [N]
     prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)  # [N]
     rows = torch.zeros((), dtype=torch.float32, device=device)
-    for layer_logits in logits:
+    for i, layer_logits in enumerate(logits):
         probs = F.softmax(layer_logits.float(), dim=-1)  # [T, N]
-        index = topk_indices(probs, top_k)  # [T, K]
-        weight = torch.ones(index.shape[0], device=device) if mask is None else mask  # [T]
-        counts = counts.scatter_add(0, index.reshape(-1), weight.repeat_interleave(top_k))
+        chosen = topk_indices(probs, top_k) if index is None else index[i]  # [T, K]
+        weight = torch.ones(chosen.shape[0], device=device) if mask is None else mask  # [T]
+        counts = counts.scatter_add(0, chosen.reshape(-1), weight.repeat_interleave(top_k))
         prob_sum = prob_sum + (probs * weight[:, None]).sum(0)
         rows = rows + weight.sum()
     rows = rows.clamp_min(1.0)

@@ -95,7 +95,10 @@ def forward_backward(run: Run, batch: dict[str, torch.Tensor], n_labels: int) ->
         perft = zero
         if run.perft_coef is not None and recorder.logits:
             logits = [lg for _, lg in recorder.logits]
-            perft = load_balancing_loss(logits, run.attached.num_experts, run.attached.top_k, batch["attention_mask"])
+            index = [ix for _, ix in recorder.index]  # the top-K the adapters chose in this pass, recorded beside
+            perft = load_balancing_loss(
+                logits, run.attached.num_experts, run.attached.top_k, batch["attention_mask"], index=index
+            )
             perft = perft.to(lm.device)
         # backward divides by the accumulation steps and DDP averages over processes; the LM term is already a
         # share of the whole step's token mean, so undo both for it.
