@@ -19,17 +19,23 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "llm-adapters"
 CONFIGS = Path(__file__).resolve().parent / "data" / "configs"
 
 
-@pytest.fixture(autouse=True)
-def _no_hub_tasks(tmp_path_factory, monkeypatch):
-    """Tests never reach the hub for eval tasks nor read a user's cache: an empty mirror and a fresh cache.
-
-    Without this, tests that expect "no test file" errors would convert a hub dataset on a machine with internet.
-    Tests of the hub path set their own mirror and cache (monkeypatch wins).
-    """
+@pytest.fixture(scope="session")
+def _empty_hub_tasks(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hub-tasks")
     (root / "mirror").mkdir()
-    monkeypatch.setenv("PERFT_HUB_TASKS_DIR", str(root / "mirror"))
-    monkeypatch.setenv("PERFT_CACHE", str(root / "cache"))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _no_hub_tasks(_empty_hub_tasks, monkeypatch):
+    """Tests never reach the hub for eval tasks nor read a user's cache: an empty mirror and a cache of their own.
+
+    Without this, tests that expect "no test file" errors would convert a hub dataset on a machine with internet.
+    Tests of the hub path set their own mirror and cache (monkeypatch wins). The mirror stays empty, so nothing is
+    ever converted into the shared cache.
+    """
+    monkeypatch.setenv("PERFT_HUB_TASKS_DIR", str(_empty_hub_tasks / "mirror"))
+    monkeypatch.setenv("PERFT_CACHE", str(_empty_hub_tasks / "cache"))
 
 
 @pytest.fixture(scope="session")
