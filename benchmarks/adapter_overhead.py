@@ -1,6 +1,6 @@
 """Forward+backward cost of PERFT adapters against the frozen base and a per-expert Python loop, in one run.
 
-Run:  .venv/bin/python benchmarks/adapter_overhead.py [--repeats 7] [--threads 2]
+Run:  .venv/bin/python benchmarks/adapter_overhead.py [--repeats 7] [--threads 2] [--ranks 4,8,16,32]
 
 Model: a tiny OLMoE-shaped MoE (hidden 256, intermediate 512, 4 layers, 16 experts top-4, vocab 1024), batch
 4 x 128 tokens by default (--batch/--seq; the paper's reference batch is 16 x 256), fp32 on the CPU.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import types
 
 import torch
 
@@ -105,26 +106,54 @@ def compare(model, ids, candidates: dict[str, tuple[PerftConfig | None, str]], r
     return out
 
 
-def layer_alone(ns, k: int, r: int, tokens: int, hidden: int, device, repeats: int) -> dict[tuple[int, str], float]:
-    """Median ms of one PerftAdapter's forward + backward on [tokens, hidden] inputs, without the model around it:
-    the same costs as the step overheads above with none of the base's noise (many more repeats fit)."""
-    h = torch.randn(tokens, hidden, device=device)
-    layers = {}
-    for n in ns:
-        for impl in ("auto", "grouped"):
-            cfg = PerftConfig(variant="perft-r", num_experts=n, top_k=k, rank=r, dropout=0.0, impl=impl)
-            layers[n, impl] = PerftAdapter(cfg, hidden, 16, 4, device=device)
-    times: dict[tuple[int, str], list[float]] = {key: [] for key in layers}
+def time_calls(calls: dict, h: torch.Tensor, repeats: int) -> dict:
+    """Median ms of each ``call(x)``'s forward + backward on a fresh leaf copy of h, round-robin, 3 warm-ups."""
+    times: dict = {key: [] for key in calls}
     for i in range(repeats + 3):
-        for key, layer in layers.items():
+        for key, call in calls.items():
             x = h.clone().requires_grad_(True)
-            _sync(device)
+            _sync(h.device)
             t0 = CLOCK()
-            layer(x).pow(2).mean().backward()
-            _sync(device)
+            call(x).pow(2).mean().backward()
+            _sync(h.device)
             if i >= 3:
                 times[key].append(CLOCK() - t0)
     return {key: statistics.median(t) * 1e3 for key, t in times.items()}
+
+
+def with_loop(adapter: PerftAdapter) -> PerftAdapter:
+    """The adapter with its bank computed by the per-expert loop (this instance only)."""
+    adapter.experts.forward = types.MethodType(loop_forward, adapter.experts)
+    return adapter
+
+
+def layer_alone(
+    ns, k: int, r: int, tokens: int, hidden: int, device, repeats: int, impls=("auto", "grouped", "loop")
+) -> tuple[dict[tuple[int, str], float], dict[int, int]]:
+    """Median ms of one PERFT-R PerftAdapter's forward + backward on [tokens, hidden] inputs, without the model
+    around it: the same costs as the step overheads above with none of the base's noise (many more repeats fit).
+    Also returns each N's activated parameters per token (method.md, router included)."""
+    layers = {}
+    for n in ns:
+        for impl in impls:
+            path = "auto" if impl == "loop" else impl
+            cfg = PerftConfig(variant="perft-r", num_experts=n, top_k=k, rank=r, dropout=0.0, impl=path)
+            layers[n, impl] = PerftAdapter(cfg, hidden, 16, 4, device=device)
+            if impl == "loop":
+                with_loop(layers[n, impl])
+    act = {n: layers[n, "auto"].activated_params() for n in ns}
+    return time_calls(layers, torch.randn(tokens, hidden, device=device), repeats), act
+
+
+def perft_e_alone(r: int, tokens: int, hidden: int, device, repeats: int) -> dict[str, float]:
+    """Median ms of one PERFT-E adapter (64 experts, top-8 of a random frozen routing), stacked and loop."""
+    logits = torch.randn(tokens, 64, device=device)
+    weights, index = torch.softmax(logits, -1).topk(8, dim=-1)  # [T, 8] like OLMoE's unnormalised top-k
+    cfg = PerftConfig(variant="perft-e", rank=r, dropout=0.0)
+    stacked = PerftAdapter(cfg, hidden, 64, 8, device=device)
+    loop = with_loop(PerftAdapter(cfg, hidden, 64, 8, device=device))
+    calls = {"stacked": lambda x: stacked(x, weights, index), "loop": lambda x: loop(x, weights, index)}
+    return time_calls(calls, torch.randn(tokens, hidden, device=device), repeats)
 
 
 def main() -> None:
@@ -133,6 +162,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4, help="sequences per step (the reference setup uses 16)")
     ap.add_argument("--seq", type=int, default=128, help="tokens per sequence (the reference setup uses 256)")
+    ap.add_argument("--ranks", default="", help="ranks for a layer-alone N=64/N=2 sweep, e.g. 4,8,16,32")
     ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 base, fp32 adapters)")
     args = ap.parse_args()
     global CLOCK
@@ -188,15 +218,27 @@ def main() -> None:
     )
 
     tokens = args.batch * args.seq
-    lt = layer_alone(ns, k, r, tokens, hidden, device, repeats=20 * args.repeats)
+    lt, _ = layer_alone(ns, k, r, tokens, hidden, device, repeats=20 * args.repeats)
     print(f"\none PERFT-R layer alone, forward+backward on [{tokens}, {hidden}] (median of {20 * args.repeats}), ms:")
-    print("   N    auto  grouped")
+    print("   N    auto  grouped     loop  loop/auto")
     for n in ns:
-        print(f"{n:>4} {lt[n, 'auto']:>7.3f} {lt[n, 'grouped']:>8.3f}")
+        print(
+            f"{n:>4} {lt[n, 'auto']:>7.3f} {lt[n, 'grouped']:>8.3f} {lt[n, 'loop']:>8.3f} "
+            f"{lt[n, 'loop'] / lt[n, 'auto']:>9.2f}x"
+        )
     print(
         f"layer ratio N=64 / N=2: {lt[64, 'auto'] / lt[2, 'auto']:.2f} as picked, "
-        f"{lt[64, 'grouped'] / lt[2, 'grouped']:.2f} on the grouped path alone"
+        f"{lt[64, 'grouped'] / lt[2, 'grouped']:.2f} on the grouped path alone (activated parameters: "
+        f"{act[64] / act[2]:.2f}); stacked faster than loop for N >= 8: "
+        f"{all(lt[n, 'auto'] < lt[n, 'loop'] for n in ns if n >= 8)}"
     )
+    if args.ranks:
+        print(f"\nranks of the paper's sweep, one layer alone on [{tokens}, {hidden}], K={k}: N=64 / N=2 (ms ratio)")
+        print(f"{'r':>4} {'auto':>6} {'grouped':>8} {'activated':>10}  (activated: method.md, router included)")
+        for rank in (int(x) for x in args.ranks.split(",")):
+            lt, act = layer_alone((2, 64), k, rank, tokens, hidden, device, 10 * args.repeats, ("auto", "grouped"))
+            auto, grouped = lt[64, "auto"] / lt[2, "auto"], lt[64, "grouped"] / lt[2, "grouped"]
+            print(f"{rank:>4} {auto:>6.2f} {grouped:>8.2f} {act[64] / act[2]:>10.2f}")
 
     print(
         f"\ncompute paths of the stacked bank (PERFT-R, K=2): overhead ms; auto = dense while N*r <= {DENSE_MAX_WIDTH}"
@@ -223,6 +265,11 @@ def main() -> None:
     print(
         f"base {base * 1e3:.1f}, stacked {st * 1e3:.1f} (overhead {ovh_st * 1e3:.1f}), "
         f"loop {lp * 1e3:.1f} (overhead {ovh_lp * 1e3:.1f}); loop/stacked {lp / st:.2f}x"
+    )
+    e = perft_e_alone(r, tokens, hidden, device, 10 * args.repeats)
+    print(
+        f"one PERFT-E layer alone on [{tokens}, {hidden}] (median of {10 * args.repeats}): stacked "
+        f"{e['stacked']:.3f} ms, loop {e['loop']:.3f} ms; loop/stacked {e['loop'] / e['stacked']:.2f}x"
     )
 
 
