@@ -9,6 +9,7 @@ import torch
 from perft_cli.errors import PerftError
 
 
+@torch.no_grad()  # the deltas are built from trainable LoRA weights: no graph for a fold
 def fold_lora(model: Any) -> tuple[list[str], float]:
     """Merge every peft LoraLayer into its base weight and put the plain base layer back.
 
