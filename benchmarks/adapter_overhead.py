@@ -8,8 +8,10 @@ Each timing is the median of interleaved repeats of one training step's
 forward + backward (the base alone: gradient with respect to the input embeddings, so the backward pass is as long
 as with adapters). "overhead" = step time - base step time. Printed ratios are the targets of the core issue:
 at equal K and r, overhead(N=64) / overhead(N=2) <= 1.5, and the stacked bank beats the per-expert loop for N >= 8.
-A second table compares the dense and grouped compute paths of the stacked bank (what DENSE_MAX_WIDTH is set from),
-and a third does PERFT-E on a 64-expert top-8 model.
+Then one PERFT-R layer timed alone (auto, grouped, loop), optionally a rank sweep (--ranks), the dense and grouped
+compute paths of the stacked bank layer alone (what DENSE_MAX_WIDTH is set from), and PERFT-E on a 64-expert top-8
+model (full step, then one layer alone). At the reference batch the full-step overheads drown in the base step's
+run-to-run noise; the layer-alone tables are the steady ones.
 """
 
 from __future__ import annotations
@@ -240,21 +242,27 @@ def main() -> None:
             auto, grouped = lt[64, "auto"] / lt[2, "auto"], lt[64, "grouped"] / lt[2, "grouped"]
             print(f"{rank:>4} {auto:>6.2f} {grouped:>8.2f} {act[64] / act[2]:>10.2f}")
 
+    shapes = ((2, 16), (4, 16), (8, 16), (16, 16), (64, 16))
     print(
-        f"\ncompute paths of the stacked bank (PERFT-R, K=2): overhead ms; auto = dense while N*r <= {DENSE_MAX_WIDTH}"
+        f"\ncompute paths of the stacked bank (PERFT-R, K=2), one layer alone on [{tokens}, {hidden}] "
+        f"(median of {10 * args.repeats}), ms; auto = dense while N*r <= {DENSE_MAX_WIDTH}"
     )
     print(f"{'N':>4} {'r':>4} {'N*r':>5} {'dense':>8} {'grouped':>8}  auto picks")
-    shapes = ((2, 16), (4, 16), (8, 16), (16, 16), (64, 16))
-    cands = {"base": (None, "")}
-    for n, rank in shapes:
-        cfg = PerftConfig(variant="perft-r", num_experts=n, top_k=k, rank=rank, dropout=0.0)
-        cands[f"dense{n}"] = (cfg, "dense")
-        cands[f"grouped{n}"] = (cfg, "grouped")
-    t = compare(model, ids, cands, args.repeats)
+    calls = {
+        (n, impl): PerftAdapter(
+            PerftConfig(variant="perft-r", num_experts=n, top_k=k, rank=rank, dropout=0.0, impl=impl),
+            hidden,
+            16,
+            4,
+            device=device,
+        )
+        for n, rank in shapes
+        for impl in ("dense", "grouped")
+    }
+    t = time_calls(calls, torch.randn(tokens, hidden, device=device), 10 * args.repeats)
     for n, rank in shapes:
         pick = "dense" if ExpertBank(n, 8, rank, device="meta").use_dense() else "grouped"
-        dense, grouped = t[f"ovh:dense{n}"] * 1e3, t[f"ovh:grouped{n}"] * 1e3
-        print(f"{n:>4} {rank:>4} {n * rank:>5} {dense:>8.1f} {grouped:>8.1f}  {pick}")
+        print(f"{n:>4} {rank:>4} {n * rank:>5} {t[n, 'dense']:>8.3f} {t[n, 'grouped']:>8.3f}  {pick}")
 
     model = make_model(64, 8, args.device, dtype)
     cfg = PerftConfig(variant="perft-e", rank=r, dropout=0.0)

@@ -13,10 +13,16 @@ that got no tokens), and two compute paths share them:
   (what transformers uses for the base experts, forward and backward, CPU and CUDA). Cost grows with K*r, not N.
 
 ``auto`` picks dense while N*r <= ``DENSE_MAX_WIDTH`` and grouped beyond. Measured by benchmarks/adapter_overhead.py
-(tiny OLMoE shape, CPU, forward+backward, K=2, r=16): dense wins while the bank is narrow, because sorting and
-gathering the pairs costs a fixed amount per token (N*r=32: 4.2 vs 4.9 ms step overhead; 64: 5.7 vs 8.9); at
-N*r=128 grouped already wins (step overhead 9.0 vs 11.6 ms; one layer alone 1.98 vs 2.81 ms at 512 tokens, and
-14.8 vs 20.5 ms at 2048 tokens of width 512), and it grows slowly with N after that.
+(one PERFT-R layer alone after a few model steps, CPU, one thread, forward+backward, K=2, r=16), dense / grouped ms:
+
+    tokens x width   N*r=32         64             128
+    512 x 256        1.12 / 1.50    1.68 / 1.59    2.76 / 1.80
+    4096 x 256       8.76 / 13.11   13.26 / 13.45  22.09 / 14.10
+    2048 x 1024      18.24 / 26.91  26.45 / 27.64  43.45 / 28.38
+
+Dense wins while the bank is narrow, because sorting and gathering the pairs costs a fixed amount per token; at
+N*r=64 the two tie, from 128 grouped wins at every shape, and it grows slowly with N after that. (In a fresh
+process, before the heap has grown, grouped pays more page faults for its temporaries: 2.16 vs 1.79 ms at 64.)
 
 Dropout where method.md puts it: on the input of a ``lora`` expert (one mask per token, shared by the experts that
 token visits, so both paths give identical results) and on the bottleneck ``W1 h`` of a ``parallel`` expert (one
