@@ -87,8 +87,10 @@ def _call(block, h3):
         ("perft-r", 4, 2, 8, "dense"),
         ("perft-r", 8, 2, 4, "grouped"),
         ("perft-r", 16, 4, 16, "grouped"),
+        ("perft-r", 8, 2, 3, "grouped"),  # a rank grouped_mm cannot stride (12 bytes): padded for the call
         ("perft-r", 6, 6, 2, "dense"),
         ("perft-e", 0, 0, 4, "grouped"),
+        ("perft-e", 0, 0, 6, "grouped"),
         ("perft-e", 0, 0, 8, "dense"),
         ("perft-d", 3, 0, 4, "auto"),
         ("perft-s", 1, 0, 8, "auto"),
@@ -139,6 +141,33 @@ def test_perft_e_uses_the_family_router_weights(family):
             hd.remove()
         want = _call(ref.block, h) + ref_perft(ref.block, adapter, h.reshape(-1, ref.hidden_size)).view(1, 5, -1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d_in,d_out", [(32, 4), (32, 6), (30, 8), (33, 12), (2, 3)])
+def test_grouped_mm_takes_any_width(dtype, d_in, d_out):
+    """grouped_mm refuses row strides that are not a multiple of 16 bytes (CPU and CUDA); the bank's wrapper pads.
+
+    bf16 on the CPU runs the same stride rule the CUDA path meets (it computes in bf16): rank 4 or 12 there.
+    """
+    from perft_cli.perft.experts import _grouped_mm
+
+    torch.manual_seed(0)
+    sizes = [3, 0, 5, 2]  # an empty group too
+    offs = torch.tensor(sizes, dtype=torch.int32).cumsum(0).to(torch.int32)
+    x = torch.randn(sum(sizes), d_in, dtype=dtype, requires_grad=True)
+    w = torch.randn(len(sizes), d_in, d_out, dtype=dtype, requires_grad=True)
+    got = _grouped_mm(x, w, offs)
+    assert got.shape == (sum(sizes), d_out) and got.dtype == dtype
+    gy = torch.randn_like(got)
+    gx, gw = torch.autograd.grad(got, [x, w], gy)
+    x2, w2 = x.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
+    want = torch.cat([x2[s - n : s] @ w2[g] for g, (n, s) in enumerate(zip(sizes, offs.tolist(), strict=True))])
+    wx, ww = torch.autograd.grad(want, [x2, w2], gy.float())
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.float(), want, **tol)
+    torch.testing.assert_close(gx.float(), wx, **tol)
+    torch.testing.assert_close(gw.float(), ww, **tol)
 
 
 def test_dense_and_grouped_paths_agree():

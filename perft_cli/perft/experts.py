@@ -42,11 +42,24 @@ FORMS = ("lora", "parallel")
 
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """x [P, Din] sorted by group, w [G, Din, Dout], offs [G] int32 cumulative ends -> [P, Dout]."""
-    if x.is_cuda and x.dtype != torch.bfloat16:
-        # CUDA grouped GEMM kernels take bf16 (torch docs); the fp32 master weights stay fp32.
-        return F.grouped_mm(x.bfloat16(), w.bfloat16(), offs=offs).to(x.dtype)
-    return F.grouped_mm(x, w, offs=offs)
+    """x [P, Din] sorted by group, w [G, Din, Dout], offs [G] int32 cumulative ends -> [P, Dout] in x's dtype.
+
+    On CUDA the grouped GEMM runs in bf16 (its kernels take bf16; the fp32 master weights stay fp32). grouped_mm
+    wants every row stride to be a multiple of 16 bytes (4 fp32 or 8 bf16 elements), on the CPU too, so a rank
+    like 2, 6 or (bf16) 4 or 12 is zero-padded for the call: the padded columns of x and w multiply to nothing,
+    the padded output columns are cut off, and autograd drops the padding's gradients. Exact, and a no-op for
+    aligned shapes.
+    """
+    compute = torch.bfloat16 if x.is_cuda else x.dtype
+    align = 16 // compute.itemsize
+    d_in, d_out = w.shape[1], w.shape[2]
+    pad_in, pad_out = -d_in % align, -d_out % align
+    if pad_in:
+        x = F.pad(x, (0, pad_in))  # [P, Din+]
+    if pad_in or pad_out:
+        w = F.pad(w, (0, pad_out, 0, pad_in))  # [G, Din+, Dout+]
+    y = F.grouped_mm(x.to(compute), w.to(compute), offs=offs)  # [P, Dout+]
+    return (y[:, :d_out] if pad_out else y).to(x.dtype)
 
 
 class ExpertBank(nn.Module):
