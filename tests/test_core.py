@@ -331,6 +331,26 @@ def test_float32_adapter_on_bf16_base():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapter_params)
 
 
+def test_perft_r_routes_in_float32_under_bf16_autocast():
+    """Training on a GPU runs under bf16 autocast; the PERFT-R router's logits must still be float32 (method.md)."""
+    from perft_cli.perft.block import PerftAdapter
+
+    torch.manual_seed(0)
+    recorder = RoutingRecorder()
+    adapter = PerftAdapter(PerftConfig(num_experts=8, top_k=2, rank=4), 64, 8, 2, recorder=recorder)
+    h = torch.randn(32, 64, dtype=torch.bfloat16)
+    recorder.start()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = adapter(h)
+        assert torch.nn.functional.linear(h, adapter.perft_router.weight).dtype == torch.bfloat16  # autocast is on
+    recorder.stop()
+    (_, logits), (_, index) = recorder.logits[0], recorder.index[0]
+    want = h.float() @ adapter.perft_router.weight.T  # [T, N] in float32, outside autocast
+    assert logits.dtype == torch.float32 and out.shape == h.shape
+    torch.testing.assert_close(logits, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(index, topk_indices(want, 2), rtol=0, atol=0)
+
+
 def test_perft_e_does_not_recompute_the_router():
     """The frozen router runs once per block call with PERFT-E attached (its output is reused through a hook)."""
     model = tiny_model("olmoe")

@@ -123,7 +123,10 @@ class PerftAdapter(nn.Module):
         if variant == "perft-e":
             delta = self.experts(x, base_index, base_weights)
         elif variant == "perft-r":
-            logits = self.perft_router(x.to(self.perft_router.weight.dtype))  # [T, N] float32
+            # method.md routes in float32; under a bf16 autocast (training on GPU) the Linear would run in bf16
+            # and round away the small logit differences that decide the top-K. [T, D] x [D, N]: cheap in fp32.
+            with torch.autocast(x.device.type, enabled=False):
+                logits = self.perft_router(x.float())  # [T, N] float32
             weights, index = topk_route(logits, self.top_k, self.config.renormalize)  # [T, K], [T, K]
             if self.config.scale_by_base_router:
                 # Reference OLMoE code: the j-th chosen adapter expert is scaled by the base router's j-th weight.
