@@ -60,12 +60,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _hidden(tokens: int, hidden: int, device: torch.device) -> torch.Tensor:
+    """Random block inputs [tokens, hidden]: bf16 on CUDA (a bf16 base's hidden states), fp32 on the CPU."""
+    return torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA, as `perft train` runs a bf16 base there; nothing on the CPU (fp32 throughout)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def one_step(model, ids) -> float:
     """Seconds for one forward + backward; the gradient flows to the input embeddings (and any adapter)."""
     inputs = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # [B, S, D]
     _sync(ids.device)
     t0 = CLOCK()
-    model(inputs_embeds=inputs).logits.float().pow(2).mean().backward()
+    with _autocast(ids.device):
+        loss = model(inputs_embeds=inputs).logits.float().pow(2).mean()
+    loss.backward()
     _sync(ids.device)
     dt = CLOCK() - t0
     model.zero_grad(set_to_none=True)
@@ -116,7 +128,9 @@ def time_calls(calls: dict, h: torch.Tensor, repeats: int) -> dict:
             x = h.clone().requires_grad_(True)
             _sync(h.device)
             t0 = CLOCK()
-            call(x).pow(2).mean().backward()
+            with _autocast(h.device):
+                loss = call(x).float().pow(2).mean()
+            loss.backward()
             _sync(h.device)
             if i >= 3:
                 times[key].append(CLOCK() - t0)
@@ -144,7 +158,7 @@ def layer_alone(
             if impl == "loop":
                 with_loop(layers[n, impl])
     act = {n: layers[n, "auto"].activated_params() for n in ns}
-    return time_calls(layers, torch.randn(tokens, hidden, device=device), repeats), act
+    return time_calls(layers, _hidden(tokens, hidden, device), repeats), act
 
 
 def perft_e_alone(r: int, tokens: int, hidden: int, device, repeats: int) -> dict[str, float]:
@@ -155,7 +169,7 @@ def perft_e_alone(r: int, tokens: int, hidden: int, device, repeats: int) -> dic
     stacked = PerftAdapter(cfg, hidden, 64, 8, device=device)
     loop = with_loop(PerftAdapter(cfg, hidden, 64, 8, device=device))
     calls = {"stacked": lambda x: stacked(x, weights, index), "loop": lambda x: loop(x, weights, index)}
-    return time_calls(calls, torch.randn(tokens, hidden, device=device), repeats)
+    return time_calls(calls, _hidden(tokens, hidden, device), repeats)
 
 
 def main() -> None:
@@ -165,7 +179,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="sequences per step (the reference setup uses 16)")
     ap.add_argument("--seq", type=int, default=128, help="tokens per sequence (the reference setup uses 256)")
     ap.add_argument("--ranks", default="", help="ranks for a layer-alone N=64/N=2 sweep, e.g. 4,8,16,32")
-    ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 base, fp32 adapters)")
+    ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 base, fp32 adapters, bf16 autocast)")
     args = ap.parse_args()
     global CLOCK
     torch.set_num_threads(args.threads)
@@ -259,7 +273,7 @@ def main() -> None:
         for n, rank in shapes
         for impl in ("dense", "grouped")
     }
-    t = time_calls(calls, torch.randn(tokens, hidden, device=device), 10 * args.repeats)
+    t = time_calls(calls, _hidden(tokens, hidden, device), 10 * args.repeats)
     for n, rank in shapes:
         pick = "dense" if ExpertBank(n, 8, rank, device="meta").use_dense() else "grouped"
         print(f"{n:>4} {rank:>4} {n * rank:>5} {t[n, 'dense']:>8.3f} {t[n, 'grouped']:>8.3f}  {pick}")
