@@ -128,10 +128,14 @@ def _read_hub(cfg: DataConfig) -> list[Any]:
         import datasets
     except ImportError:
         raise DataError("reading a hub dataset needs the 'datasets' package: pip install datasets") from None
+    from perft_cli import hub
+
+    why = hub.probe(cfg.train, "dataset")  # one request; offline (cache only) from then on if the network fails
     try:
         ds = datasets.load_dataset(cfg.train, split=cfg.split)
     except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = f"the hub cannot be reached ({why}) and it is not in the datasets cache" if why else None
+        reason = reason or (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(
             f"cannot load hub dataset {cfg.train!r} (split {cfg.split!r}): {reason}. Without hub access, save it as "
             "JSON/JSONL elsewhere and point data.train at the file"

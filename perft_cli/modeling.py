@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers import logging as hf_logging
 
+from perft_cli import hub
 from perft_cli.arch import MoEFamily, family_for
 from perft_cli.config import ModelConfig
 from perft_cli.errors import ModelError
@@ -24,39 +25,17 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
-PROBE_TIMEOUT_S = 10.0  # the one request that tells whether the hub can be reached at all
-_probed: dict[str, str | None] = {}  # hub id -> why the hub could not be reached (None: it could), once a process
-
-
 def _hub_unreachable(cfg: ModelConfig) -> str | None:
-    """Why the hub cannot be reached for this model, or None (reachable, offline mode already, or a local path).
-
-    transformers retries every file request of an unreachable hub for ~30 s (five backoffs, one log line each)
-    before it falls back to the cache. One request without retries first: when the network itself fails (no DNS,
-    no route, timeout), this process switches huggingface_hub to offline mode, so a cached model loads at once and
-    a missing one fails in one line. An HTTP answer (404, 401 for a gated model, ...) means the hub is there:
-    nothing changes and transformers reports it.
-    """
-    from huggingface_hub import HfApi, constants
-
+    """For a hub id, ``hub.probe`` (one request; offline mode from then on if the network fails); else None."""
     name = cfg.name_or_path
-    if Path(name).expanduser().exists() or _looks_local(name) or constants.is_offline_mode():
-        return _probed.get(name)
-    if name not in _probed:
-        _probed[name] = None
-        try:
-            HfApi().model_info(name, revision=cfg.revision, timeout=PROBE_TIMEOUT_S)
-        except Exception as e:  # httpx's transport errors, or OSError, when the network fails
-            kinds = {c.__name__ for c in type(e).__mro__}
-            if kinds & {"TransportError", "TimeoutException", "ConnectionError"}:
-                _probed[name] = f"{type(e).__name__}: {' '.join(str(e).split()) or type(e).__name__}"
-                constants.HF_HUB_OFFLINE = True  # what is_offline_mode() returns: the cache answers from now on
-    return _probed[name]
+    if Path(name).expanduser().exists() or _looks_local(name):
+        return None
+    return hub.probe(name, "model", cfg.revision)
 
 
 def _load_error(what: str, cfg: ModelConfig, e: BaseException) -> ModelError:
     """One line for a failed load; when the hub was found unreachable, says so instead of the cache miss."""
-    name, why = cfg.name_or_path, _probed.get(cfg.name_or_path)
+    name, why = cfg.name_or_path, hub.unreachable(cfg.name_or_path)
     if why:
         return ModelError(
             f"cannot load {what}{name!r}: the Hugging Face hub cannot be reached ({why}) and it is not in the "
@@ -142,7 +121,7 @@ def load_tokenizer(cfg: ModelConfig):
             cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
         )
     except (OSError, ValueError) as e:
-        if _probed.get(cfg.name_or_path):
+        if hub.unreachable(cfg.name_or_path):
             raise _load_error("the tokenizer of ", cfg, e) from None
         raise ModelError(f"cannot load the tokenizer of {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:

@@ -1,20 +1,23 @@
-"""Loading a model by hub id when the hub cannot be reached: the cache answers at once, a miss is one line.
+"""Loading a model or a training set by hub id when the hub cannot be reached: the cache answers at once, a miss
+is one line.
 
-The network is what is replaced here (``HfApi.model_info`` raising the error a failed connection raises); the
-loading code, transformers and huggingface_hub's offline mode run for real.
+The network is what is replaced here (``HfApi.model_info`` / ``dataset_info`` raising the error a failed connection
+raises); the loading code, transformers, datasets and the libraries' offline mode run for real.
 """
 
 from __future__ import annotations
 
 import time
 
+import datasets
 import huggingface_hub
 import pytest
 from huggingface_hub import constants
 
-from perft_cli import modeling
-from perft_cli.config import ModelConfig
-from perft_cli.errors import ModelError
+from perft_cli import hub, modeling
+from perft_cli.config import DataConfig, ModelConfig
+from perft_cli.data import read_records
+from perft_cli.errors import DataError, ModelError
 from perft_cli.tiny import tiny_model
 
 
@@ -28,9 +31,12 @@ def no_network(monkeypatch, tmp_path):
         raise ConnectionError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # restored after the test, like the cache path
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", unreachable)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # restored after the test, like the cache paths
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(modeling, "_probed", {})
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(hub, "_unreachable", {})
     return calls
 
 
@@ -71,3 +77,13 @@ def test_local_paths_are_never_probed(no_network, tmp_path):
     tiny_model("olmoe").config.save_pretrained(tmp_path / "m")
     modeling.load_config(ModelConfig(name_or_path=str(tmp_path / "m")))
     assert no_network == [] and not constants.is_offline_mode()
+
+
+def test_unreachable_hub_training_set_is_one_line_at_once(no_network):
+    t0 = time.perf_counter()
+    with pytest.raises(DataError) as err:
+        read_records(DataConfig(train="someone/commonsense_170k"))
+    msg = str(err.value)
+    assert "\n" not in msg and "cannot be reached" in msg and "point data.train at the file" in msg
+    assert time.perf_counter() - t0 < 5  # datasets alone retries for ~25 s
+    assert no_network == ["someone/commonsense_170k"] and datasets.config.HF_HUB_OFFLINE
