@@ -115,6 +115,7 @@ def compare(model, ids, candidates: dict[str, tuple[PerftConfig | None, str]], r
                 times[name].append(dt)
     out = {name: statistics.median(t) for name, t in times.items()}
     if "base" in times:
+        out["spread:base"] = max(times["base"]) - min(times["base"])
         for name, t in times.items():
             out[f"ovh:{name}"] = statistics.median(a - b for a, b in zip(t, times["base"], strict=True))
     return out
@@ -234,6 +235,11 @@ def main() -> None:
     print(
         f"activated parameters per token and layer (method.md, router included): N=2 {act[2]:,}, N=64 {act[64]:,}: "
         f"a cost that followed them exactly would give {act[64] / act[2]:.2f}"
+    )
+    print(
+        f"(step overheads are differences of {base * 1e3:.0f} ms steps; the base step alone ranged over "
+        f"{t['spread:base'] * 1e3:.0f} ms across rounds: where they disagree with the layer-alone tables below, "
+        "trust those)"
     )
 
     tokens = args.batch * args.seq
