@@ -16,13 +16,13 @@ that got no tokens), and two compute paths share them:
 (one PERFT-R layer alone after a few model steps, CPU, one thread, forward+backward, K=2, r=16), dense / grouped ms:
 
     tokens x width   N*r=32         64             128
-    512 x 256        1.12 / 1.50    1.68 / 1.59    2.76 / 1.80
-    4096 x 256       8.76 / 13.11   13.26 / 13.45  22.09 / 14.10
-    2048 x 1024      18.24 / 26.91  26.45 / 27.64  43.45 / 28.38
+    512 x 256        1.00 / 1.37    1.56 / 1.47    2.64 / 1.66
+    4096 x 256       7.92 / 12.28   12.37 / 12.86  21.53 / 13.71
+    2048 x 1024      15.39 / 24.31  23.78 / 24.96  40.33 / 26.18
 
 Dense wins while the bank is narrow, because sorting and gathering the pairs costs a fixed amount per token; at
 N*r=64 the two tie, from 128 grouped wins at every shape, and it grows slowly with N after that. (In a fresh
-process, before the heap has grown, grouped pays more page faults for its temporaries: 2.16 vs 1.79 ms at 64.)
+process, before the heap has grown, grouped pays more page faults for its temporaries.)
 
 Dropout where method.md puts it: on the input of a ``lora`` expert (one mask per token, shared by the experts that
 token visits, so both paths give identical results) and on the bottleneck ``W1 h`` of a ``parallel`` expert (one
