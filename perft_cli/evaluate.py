@@ -34,6 +34,7 @@ from perft_cli.tasks import (
 __all__ = ["extract_answer", "generate_responses", "run_eval"]
 
 PROMPT_TEMPLATE = "llm-adapters-eval"  # prompts.eval_prompt; its bytes are hashed into the results JSON
+PROTOCOL_BEAMS = 4  # method.md: 4-beam search
 
 
 # --- the command -----------------------------------------------------------------------------------------------
@@ -156,15 +157,23 @@ def _run_generation(model, tokenizer, loaded, examples_file: Path, *, limit, bat
                 fh.write(json.dumps(row) + "\n")
             n, correct = len(rows), sum(r["correct"] for r in rows)
             seconds = time.time() - started
+            complete = n == full and n == (task.expected or n)
+            why = _not_comparable(task, complete, path, num_beams, max_tokens[task.name])
             per_task[task.name] = dict(
                 kind=task.kind, examples=n, correct=correct, accuracy=correct / n, expected_examples=task.expected,
-                complete=n == full and n == (task.expected or n), custom=task.custom, data_file=str(path),
-                seconds=round(seconds, 2), examples_per_s=round(n / seconds, 3) if seconds else None,
+                complete=complete, comparable=not why, not_comparable_because=why, custom=task.custom,
+                data_file=str(path), seconds=round(seconds, 2),
+                examples_per_s=round(n / seconds, 3) if seconds else None,
             )  # fmt: skip
+    comparable = all(t["comparable"] for t in per_task.values())
     return dict(
         protocol="generation",
-        protocol_note="the paper's protocol (LLM-Adapters prompts, beam search, answer extraction): comparable "
-        "with published PERFT / LLM-Adapters numbers on the full test sets",
+        protocol_note="the paper's protocol (LLM-Adapters prompts, beam search, answer extraction): "
+        + (
+            "comparable with published PERFT / LLM-Adapters numbers"
+            if comparable
+            else "tasks with comparable=false are not comparable with published numbers (see not_comparable_because)"
+        ),
         settings=dict(
             prompt_template=PROMPT_TEMPLATE,
             prompt_template_sha256={k: _template_sha(k == COMMONSENSE) for k in (COMMONSENSE, ARITHMETIC)},
@@ -177,7 +186,30 @@ def _run_generation(model, tokenizer, loaded, examples_file: Path, *, limit, bat
         ),
         tasks=per_task,
         averages={kind: _mean(per_task, kind) for kind in (COMMONSENSE, ARITHMETIC)},
+        # An average is comparable with the paper's only when every task in it is (custom tasks never are).
+        averages_comparable={
+            kind: all(t["comparable"] for t in per_task.values() if t["kind"] == kind)
+            for kind in (COMMONSENSE, ARITHMETIC)
+        },
     )
+
+
+def _not_comparable(task: Task, complete: bool, path: Path, num_beams: int, max_new_tokens: int) -> list[str]:
+    """Why one task's accuracy cannot be set beside published numbers (empty: it can)."""
+    from perft_cli import hub_tasks
+
+    why = []
+    if task.custom:
+        why.append("custom task")
+    if not complete:
+        why.append("not the paper's full test set")
+    if num_beams != PROTOCOL_BEAMS:
+        why.append(f"{num_beams} beams (protocol: {PROTOCOL_BEAMS})")
+    if max_new_tokens != task.max_new_tokens:
+        why.append(f"{max_new_tokens} new tokens (protocol: {task.max_new_tokens})")
+    if task.name in hub_tasks.NOT_BYTE_VERIFIED and hub_tasks.cache_root().resolve() in path.resolve().parents:
+        why.append("converted from the hub without a reference file to check the conversion against")
+    return why
 
 
 def _mean(per_task: dict[str, dict], kind: str) -> float | None:
@@ -264,14 +296,16 @@ def _print_table(result: dict) -> None:
     for col in ("task", "kind", "examples", "accuracy %"):
         table.add_column(col, justify="left" if col in ("task", "kind") else "right")
     for name, t in result["tasks"].items():
-        limited = "" if t["complete"] else " *"
+        limited = "" if t.get("comparable", t["complete"]) else " *"
         table.add_row(name, t.get("kind", "-"), f"{t['examples']}{limited}", pct(t["accuracy"]))
     averages = {k: v for k, v in (result.get("averages") or {}).items() if v is not None}
     if averages:
         table.add_section()
     for kind, acc in averages.items():
         n = sum(t["kind"] == kind for t in result["tasks"].values())
-        table.add_row(f"[bold]average {kind}[/]", f"{n} task{'s' * (n > 1)}", "", f"[bold]{pct(acc)}[/]")
-    if any(not t["complete"] for t in result["tasks"].values()):
-        table.caption = "* not the paper's full test set: not comparable with published numbers"
+        mark = "" if result.get("averages_comparable", {}).get(kind, True) else " *"
+        table.add_row(f"[bold]average {kind}[/]", f"{n} task{'s' * (n > 1)}{mark}", "", f"[bold]{pct(acc)}[/]")
+    reasons = sorted({r for t in result["tasks"].values() for r in t.get("not_comparable_because", [])})
+    if reasons:
+        table.caption = f"* not comparable with published numbers: {'; '.join(reasons)}"
     out.print(table)

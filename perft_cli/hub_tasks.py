@@ -39,6 +39,7 @@ from perft_cli.tasks import GET_FILES
 
 FORMAT = 1  # written to source.json; bump when a converter changes so that older caches are converted again
 CACHE_ENV = "PERFT_CACHE"
+NOT_BYTE_VERIFIED = frozenset({"hellaswag"})  # converters with no LLM-Adapters file here to check them against
 MIRROR_ENV = "PERFT_HUB_TASKS_DIR"
 PROBE_TIMEOUT_S = 15.0  # the request for the dataset's commit
 OFFLINE_VARS, TRUE = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"), ("1", "ON", "YES", "TRUE")

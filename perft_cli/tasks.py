@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from perft_cli.errors import DataError, PerftError
+from perft_cli.prompts import response_of
 
 COMMONSENSE = "commonsense"
 ARITHMETIC = "arithmetic"
@@ -101,10 +102,15 @@ def _unknown(name: str) -> PerftError:
 
 
 def extract_answer(task: str | Task, text: str) -> str | float | None:
-    """The answer in a response: a label (commonsense, AQuA letter), a float (arithmetic) or None (no match)."""
+    """The answer in a response: a label (commonsense, AQuA letter), a float (arithmetic) or None (no match).
+
+    ``text`` may be the whole decoded output: only what follows the last "### Response:" is read (method.md), so the
+    prompt's own words ("Answer format: true/false", numbers in the question) never count as the answer.
+    """
     t = task if isinstance(task, Task) else known_task(task)
     if t is None:
         raise _unknown(str(task))
+    text = response_of(text)
     if t.kind == COMMONSENSE:
         m = t.pattern.search(text)  # the FIRST match (reference: re.findall(...)[0])
         return m.group(0) if m else None

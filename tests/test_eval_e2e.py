@@ -78,6 +78,12 @@ def test_eval_checkpoint_writes_table_json_and_examples(setup, tmp_path):
     assert "option1|option2" in s["answer_rules"]["demo_choice"]
     assert result["averages"]["commonsense"] == result["tasks"]["demo_choice"]["accuracy"]
     assert result["recipe"]["adapter"]["variant"] == "perft-r"
+    # Custom tasks and changed decoding are never labelled comparable with the paper, nor their averages.
+    assert result["tasks"]["demo_choice"]["comparable"] is False and result["tasks"]["demo_choice"]["complete"]
+    assert result["tasks"]["demo_choice"]["not_comparable_because"] == ["custom task", "8 new tokens (protocol: 4)"]
+    assert "8 new tokens (protocol: 256)" in result["tasks"]["demo_math"]["not_comparable_because"]
+    assert result["averages_comparable"] == {"commonsense": False, "arithmetic": False}
+    assert "not comparable" in result["protocol_note"] and "not comparable with published" in r.stdout
     rows = [json.loads(line) for line in Path(result["examples_file"]).read_text().splitlines()]
     first = rows[0]
     assert first["prompt"] == eval_prompt("Is item 0 red? Option1: yes Option2: no", "", commonsense=True)

@@ -113,6 +113,35 @@ def test_extract_answer(task, text, expected):
     assert got == expected and type(got) is type(expected)
 
 
+def test_extract_answer_reads_only_the_response():
+    """Given the whole decoded output, the prompt's words ("true/false", the question's numbers, "Below ...")
+    must not be read as the answer: only the text after the last "### Response:" counts (method.md)."""
+    boolq = eval_prompt("Is the sky green?\n\nAnswer format: true/false", "", True)
+    assert extract_answer("boolq", boolq + " false") == "false"
+    assert extract_answer("gsm8k", eval_prompt("Tom has 3 apples and 5 pears.", "", False) + " He has 8.") == 8.0
+    assert extract_answer("aqua", eval_prompt("How many? Answer Choices: A)1 B)2", "", False) + " so C") == "C"
+    assert extract_answer("gsm8k", eval_prompt("Tom has 3 apples.", "", False)) is None  # empty response
+
+
+def test_comparability_reasons(tmp_path):
+    from perft_cli import hub_tasks
+    from perft_cli.evaluate import _not_comparable
+
+    boolq, hellaswag = known_task("boolq"), known_task("hellaswag")
+    file = tmp_path / "boolq" / "test.json"
+    assert _not_comparable(boolq, True, file, 4, 4) == []
+    assert _not_comparable(boolq, False, file, 1, 8) == [
+        "not the paper's full test set",
+        "1 beams (protocol: 4)",
+        "8 new tokens (protocol: 4)",
+    ]
+    assert _not_comparable(hellaswag, True, tmp_path / "hellaswag" / "test.json", 4, 4) == []  # a real file
+    cached = hub_tasks.cache_root() / "hellaswag" / "test.json"  # converted from the hub, never checked
+    assert _not_comparable(hellaswag, True, cached, 4, 4) == [
+        "converted from the hub without a reference file to check the conversion against"
+    ]
+
+
 def test_extract_answer_unknown_task_lists_known():
     with pytest.raises(PerftError, match="known tasks: boolq, piqa"):
         extract_answer("mmlu", "A")
