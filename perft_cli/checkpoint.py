@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,11 @@ RNG_FILE = "rng.safetensors"
 RESUME_FILES = (STATE_FILE, OPTIMIZER_FILE, OPTIMIZER_JSON, SCHEDULER_FILE, RNG_FILE)
 # Adapter settings that change the shapes or meaning of the saved weights: resuming across them is an error.
 SHAPE_KEYS = ("variant", "expert", "num_experts", "top_k", "rank")
+# Keys that change what the saved weights compute (the LoRA scale, how PERFT-R weighs its experts): a resume with
+# other values would continue a different function, so it is refused like a shape change.
+MEANING_KEYS = ("alpha", "renormalize", "scale_by_base_router")
+# Left out of the "not exact" warning: checked above (the model by its folder name), or no effect once weights exist.
+NOT_COMPARED = (*SHAPE_KEYS, *MEANING_KEYS, "name_or_path", "init")
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -325,26 +331,68 @@ def check_resume_compatible(saved: Recipe, recipe: Recipe, ckpt: Path) -> list[s
             f"cannot resume {ckpt}: it was trained on model {saved.model.name_or_path!r}, this recipe uses "
             f"{recipe.model.name_or_path!r}"
         )
-    for key in SHAPE_KEYS:
-        a, b = getattr(saved.adapter, key), getattr(recipe.adapter, key)
+    for key in (*SHAPE_KEYS, *MEANING_KEYS):
+        a, b = _adapter_value(saved, key), _adapter_value(recipe, key)
         if a != b:
             raise CheckpointError(
                 f"cannot resume {ckpt}: it was trained with adapter.{key}={a!r}, this recipe has adapter.{key}={b!r}"
             )
     differ = []
-    for section in ("data", "train"):
+    for section in ("model", "adapter", "data", "train"):
         old, new = getattr(saved, section).model_dump(), getattr(recipe, section).model_dump()
-        differ += [f"{section}.{k}" for k in new if old.get(k) != new[k]]
+        differ += [f"{section}.{k}" for k in new if old.get(k) != new[k] and k not in NOT_COMPARED]
     return differ
 
 
+def _adapter_value(recipe: Recipe, key: str) -> Any:
+    a = recipe.adapter
+    if key == "alpha":  # None means 2 * rank (reference scripts): the same scale as writing it out
+        return a.alpha if a.alpha is not None else 2.0 * a.rank
+    return getattr(a, key)
+
+
 def clean_stale(run_dir: Path) -> list[str]:
-    """Remove ``.tmp-*`` directories a killed save left behind; returns their names."""
+    """Remove ``.tmp-*`` directories a killed save left behind; returns their names.
+
+    A save killed between the two renames of a re-saved step leaves ``.tmp-old-NAME`` (the previous copy) and
+    ``.tmp-NAME`` (the new one), both complete, and no ``NAME``: the new copy is put in place if it is complete
+    (its trainer state is written last), else the old one, so the step is never lost.
+    """
     root = Path(run_dir) / CKPT_DIR
-    stale = sorted(p for p in root.glob(".tmp-*") if p.is_dir()) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    for old in sorted(root.glob(".tmp-old-*")):
+        name = old.name.removeprefix(".tmp-old-")
+        new = root / f".tmp-{name}"
+        keep = new if _complete(new) else old if _complete(old) else None
+        if keep is not None and not (root / name).exists():
+            os.replace(keep, root / name)
+    stale = sorted(p for p in root.glob(".tmp-*") if p.is_dir())
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return [p.name for p in stale]
+
+
+def _complete(path: Path) -> bool:
+    """A checkpoint directory (whatever its name) with every file a resume needs."""
+    return path.is_dir() and all((path / f).is_file() for f in (ADAPTER_FILE, RECIPE_FILE, *RESUME_FILES))
+
+
+def set_aside_newer(run_dir: Path, step: int) -> Path | None:
+    """Move this run's checkpoints after ``step`` to ``abandoned/after-step-<step>-<time>/`` (returned; None if
+    there are none): resuming from an older checkpoint starts a new continuation, and the old one's later steps
+    would otherwise count as the newest (``--resume auto``, pruning) and delete every checkpoint the new one writes.
+    """
+    newer = [p for p in list_checkpoints(run_dir) if int(p.name.removeprefix("step-")) > step]
+    if not newer:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest = Path(run_dir) / "abandoned" / f"after-step-{step:08d}-{stamp}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in newer:
+        os.replace(p, dest / p.name)
+    _fsync_dir(Path(run_dir) / CKPT_DIR)
+    return dest
 
 
 def write_best(run_dir: Path, ckpt: Path, eval_loss: float, step: int) -> None:

@@ -117,6 +117,15 @@ class CollapseWatch:
         self.counts, self.tokens = {}, 0
         return top, events
 
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps so that a resumed run warns at the same step as an uninterrupted one."""
+        return {"streak": {str(k): v for k, v in self.streak.items()}, "reported": sorted(self.reported)}
+
+    def load(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.streak = {int(k): int(v) for k, v in state.get("streak", {}).items()}
+            self.reported = {int(x) for x in state.get("reported", [])}
+
 
 class TrainProgress:
     """A rich progress bar on stderr (rank 0): step, epoch, losses, lr, tokens/s, ETA.
@@ -227,7 +236,7 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     best = summary.get("best_eval_loss")
     rows = [
         ("steps", f"{summary['step']}/{summary['total_steps']} (epoch {summary['epoch']:.2f})"),
-        ("time", f"{summary['time_s']:.1f} s this session"),
+        ("time", f"{summary['time_s']:.1f} s this session ({summary['train_time_s']:.1f} s in training steps)"),
         ("throughput", f"{summary['tokens_per_s']:,.0f} tokens/s ({summary['tokens']:,} tokens this session)"),
         ("peak memory", f"{human_bytes(summary['peak_memory_bytes'])} ({summary['peak_memory_kind']})"),
         ("last loss", f"{summary['last_loss']:.4f}" if summary.get("last_loss") is not None else "-"),

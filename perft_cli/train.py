@@ -84,7 +84,8 @@ def run_train(recipe: Recipe, *, resume: str | None = None, dry_run: bool = Fals
     metrics = MetricsLog(run_dir, accelerator, keep_until=pos.step if resume_from else None)
     progress = TrainProgress(run.total_steps, pos.step)
     watch = CollapseWatch(attached.num_experts, attached.top_k, recipe.train.collapse_share)
-    timer, session_tokens, status = Timer(), 0, "done"
+    watch.load(pos.collapse)  # a resumed run keeps counting its streaks (and does not warn twice)
+    timer, session_tokens, train_seconds, status = Timer(), 0, 0.0, "done"
     try:
         with interrupt_flag() as stop:
             if resume_from is None and len(val_set):
@@ -97,7 +98,9 @@ def run_train(recipe: Recipe, *, resume: str | None = None, dry_run: bool = Fals
                 stats["lr"] = apply_update(run)
                 pos.advance(run.steps_per_epoch)
                 session_tokens += stats["tokens"]
-                log_step(run, pos, stats, timer.lap(), metrics, progress, watch)
+                seconds = timer.lap()
+                train_seconds += seconds
+                log_step(run, pos, stats, seconds, metrics, progress, watch)
                 if pos.step % recipe.train.eval_every == 0 or pos.step == run.total_steps:
                     log_eval(run, pos, metrics, progress)
                 if pos.step % recipe.train.save_every == 0 or pos.step == run.total_steps or stats["stop"]:
@@ -110,7 +113,7 @@ def run_train(recipe: Recipe, *, resume: str | None = None, dry_run: bool = Fals
         teardown(accelerator, clean=False)
         raise
     progress.close()
-    summary = finish(run, pos, status, timer.total(), session_tokens)
+    summary = finish(run, pos, status, timer.total(), train_seconds, session_tokens)
     teardown(accelerator, clean=True)
     return summary
 
@@ -119,6 +122,7 @@ def log_step(run, pos, stats, seconds, metrics: MetricsLog, progress: TrainProgr
     pos.tokens += stats["tokens"]
     pos.last_loss = stats["loss"]
     top_share, events = watch.end_step(pos.step)
+    pos.collapse = watch.state()
     entry = {
         "step": pos.step,
         "epoch": round(pos.progress(run.steps_per_epoch), 4),
@@ -152,11 +156,7 @@ def log_eval(run: Run, pos: Position, metrics: MetricsLog, progress: TrainProgre
     progress.note(f"step {pos.step}: eval loss {loss:.4f}" + (" (best)" if better else ""))
     if better:
         pos.best_eval, pos.best_step = loss, pos.step
-        path = save(run, pos)
-        if is_main_process():
-            ck.write_best(run.run_dir, path, loss, pos.step)
-            ck.prune_checkpoints(run.run_dir)
-        run.accelerator.wait_for_everyone()
+        save(run, pos, best=True)
 
 
 @contextmanager
@@ -183,7 +183,7 @@ def interrupt_flag():
             signal.signal(s, h)
 
 
-def finish(run: Run, pos: Position, status: str, seconds: float, tokens: int) -> dict[str, Any]:
+def finish(run: Run, pos: Position, status: str, seconds: float, train_seconds: float, tokens: int) -> dict[str, Any]:
     """The end-of-run summary (summary.json + a table) and the test hook that dumps every process's adapter."""
     from perft_cli.adapters import adapter_state
 
@@ -195,8 +195,9 @@ def finish(run: Run, pos: Position, status: str, seconds: float, tokens: int) ->
         "total_steps": run.total_steps,
         "epoch": pos.progress(run.steps_per_epoch),
         "time_s": seconds,
+        "train_time_s": train_seconds,  # the optimizer steps alone: eval and checkpoint time left out
         "tokens": tokens,
-        "tokens_per_s": tokens / max(seconds, 1e-9),
+        "tokens_per_s": tokens / max(train_seconds, 1e-9),  # the same measure as metrics.jsonl's per-step value
         "peak_memory_bytes": mem,
         "peak_memory_kind": kind,
         "last_loss": pos.last_loss,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -275,3 +276,129 @@ def test_ctrl_c_saves_and_exits_130(tmp_path, tiny_model_dir):
     assert ckpt is not None and int(ckpt.name.split("-")[1]) >= 2
     assert "starting a fresh run" in err and "Traceback" not in err
     assert f"saved {ckpt}" in err and f"Resume with: perft train {recipe} --resume auto" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume with changed settings, from an older checkpoint, and after crashes around a save (in-process)
+
+
+def _lrs(run: Path) -> dict[int, float]:
+    return {e["step"]: e["lr"] for e in read_metrics(run) if "lr" in e}
+
+
+def test_resume_applies_the_recipes_lr_weight_decay_and_schedule(tmp_path, tiny_model_dir):
+    """The checkpoint brings the optimizer's moments and the schedule's position, the recipe its hyperparameters:
+    a resumed run with another lr / max_steps follows the new schedule from the next step (no step at lr 0)."""
+    model_dir = tiny_model_dir("olmoe")
+    data = make_data(tmp_path / "data.json", n=40)
+    short = {"train": {"max_steps": 6, "warmup_steps": 2, "save_every": 3}}
+    recipe = load_recipe(make_recipe(tmp_path / "a", model_dir, data, **short))
+    run_train(recipe)
+    run = Path(recipe.output_dir)
+    longer = {"train": {"max_steps": 10, "warmup_steps": 2, "save_every": 3, "lr": 0.02, "weight_decay": 0.1}}
+    resumed = load_recipe(make_recipe(tmp_path / "a", model_dir, data, output_dir=str(run), **longer))
+    run_train(resumed, resume="auto")
+    fresh = load_recipe(make_recipe(tmp_path / "f", model_dir, data, **longer))
+    run_train(fresh)
+    got, want = _lrs(run), _lrs(Path(fresh.output_dir))
+    assert got[6] == pytest.approx(0.05 / 4)  # the first run's own schedule up to its end
+    assert [got[s] for s in range(7, 11)] == pytest.approx([want[s] for s in range(7, 11)]) and got[7] > 0
+    state = json.loads((latest_checkpoint(run) / "optimizer.json").read_text())
+    assert {g["weight_decay"] for g in state["param_groups"]} == {0.1}
+
+
+def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, tiny_model_dir):
+    model_dir = tiny_model_dir("olmoe")
+    sections = {"train": {"max_steps": 6, "save_every": 2, "eval_every": 100}}
+    recipe = load_recipe(make_recipe(tmp_path, model_dir, **sections))
+    run_train(recipe)
+    run = Path(recipe.output_dir)
+    # Keep step 2 (pruning leaves latest + best only): copy it back from a second, shorter run of the same recipe.
+    assert [c.name for c in list_checkpoints(run)] == ["step-00000006"]
+    short = load_recipe(make_recipe(tmp_path / "s", model_dir, tmp_path / "data.json", train={"max_steps": 2}))
+    run_train(short)
+    older = run / CKPT_DIR / "step-00000002"
+    shutil.copytree(latest_checkpoint(Path(short.output_dir)), older)
+
+    summary = run_train(recipe, resume=str(older))
+    assert summary["step"] == 6 and summary["status"] == "done"
+    assert [c.name for c in list_checkpoints(run)] == ["step-00000006"]  # this continuation's, not pruned away
+    (aside,) = (run / "abandoned").iterdir()
+    assert aside.name.startswith("after-step-00000002-") and [p.name for p in aside.iterdir()] == ["step-00000006"]
+    assert [e["step"] for e in read_metrics(run) if "lm_loss" in e] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_a_new_lora_scale_and_warns_on_other_adapter_changes(tmp_path, tiny_model_dir, capsys):
+    from perft_cli.errors import CheckpointError
+
+    model_dir = tiny_model_dir("olmoe")
+    recipe = load_recipe(make_recipe(tmp_path, model_dir, train={"max_steps": 2}))
+    run_train(recipe)
+    run = str(Path(recipe.output_dir))
+    scaled = load_recipe(make_recipe(tmp_path, model_dir, output_dir=run, adapter={"alpha": 80.0}))
+    with pytest.raises(CheckpointError, match="adapter.alpha=8.0, this recipe has adapter.alpha=80.0"):
+        run_train(scaled, resume="auto")
+    # alpha 8.0 is what the first run had (None = 2 * rank): accepted; the new dropout is named in the warning.
+    changed = {"adapter": {"alpha": 8.0, "dropout": 0.3}, "train": {"max_steps": 3}}
+    run_train(load_recipe(make_recipe(tmp_path, model_dir, output_dir=run, **changed)), resume="auto")
+    assert "adapter.dropout" in capsys.readouterr().err
+
+
+def test_best_json_follows_the_resumed_state_and_a_split_resave_is_not_lost(tmp_path, tiny_model_dir):
+    from perft_cli.checkpoint import BEST_FILE, clean_stale, step_dir, write_best
+
+    model_dir = tiny_model_dir("olmoe")
+    recipe = load_recipe(make_recipe(tmp_path, model_dir, train={"max_steps": 4, "eval_every": 2, "save_every": 2}))
+    run_train(recipe)
+    run = Path(recipe.output_dir)
+    best = best_checkpoint(run)
+    state = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())
+    assert best == step_dir(run, state["best_step"])
+    # A crash between the best save and best.json: best.json still names another (older) checkpoint. Restoring the
+    # trainer state puts it back on the state's best (which pruning then keeps).
+    from types import SimpleNamespace
+
+    from perft_cli.training.state import _reconcile_best
+
+    other = step_dir(run, 1)
+    shutil.copytree(best, other)
+    write_best(run, other, 99.0, 1)
+    _reconcile_best(SimpleNamespace(run_dir=run), state)
+    assert best_checkpoint(run) == best and json.loads((run / BEST_FILE).read_text())["eval_loss"] != 99.0
+    shutil.rmtree(other)
+
+    # A re-save killed between its two renames: both copies complete under .tmp names, the step itself missing.
+    last = latest_checkpoint(run)
+    root = run / CKPT_DIR
+    shutil.copytree(last, root / f".tmp-old-{last.name}")
+    os.replace(last, root / f".tmp-{last.name}")
+    assert latest_checkpoint(run) != last
+    clean_stale(run)
+    assert latest_checkpoint(run) == last and not list(root.glob(".tmp-*"))
+
+
+def test_collapse_watch_state_survives_a_checkpoint():
+    mask = torch.ones(1, 10)
+    always_0 = torch.stack([torch.zeros(10, dtype=torch.long), torch.arange(10) % 3 + 1], dim=1)  # [T, K]
+    straight, first = CollapseWatch(4, 2, 0.9, steps=4), CollapseWatch(4, 2, 0.9, steps=4)
+    events = []
+    for step in range(1, 3):
+        for w in (straight, first):
+            w.add([(0, always_0)], mask)
+        events.append(straight.end_step(step)[1])
+        first.end_step(step)
+    resumed = CollapseWatch(4, 2, 0.9, steps=4)
+    resumed.load(json.loads(json.dumps(first.state())))  # through the checkpoint's JSON
+    for step in range(3, 7):
+        for w in (straight, resumed):
+            w.add([(0, always_0)], mask)
+        assert straight.end_step(step)[1] == resumed.end_step(step)[1]
+    assert resumed.reported == {0}
+
+
+def test_summary_throughput_counts_training_steps_only(tmp_path, tiny_model_dir):
+    model_dir = tiny_model_dir("olmoe")
+    recipe = load_recipe(make_recipe(tmp_path, model_dir, train={"max_steps": 4, "eval_every": 1, "save_every": 1}))
+    summary = run_train(recipe)
+    assert 0 < summary["train_time_s"] < summary["time_s"]
+    assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["train_time_s"])

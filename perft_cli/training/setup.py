@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -76,6 +77,10 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: str | None) -> Path |
             f"cannot write to the output directory {str(run_dir)!r}: {e.strerror or e}; choose another with "
             "--output-dir or output_dir"
         ) from None
+    if is_main_process():
+        stale = ck.clean_stale(run_dir)  # left by a save that was killed (a complete one is put back in place)
+        if stale:
+            say(f"removed {len(stale)} incomplete checkpoint(s) left by an interrupted save: {', '.join(stale)}")
     existing = ck.latest_checkpoint(run_dir)
     if resume is None and existing is not None:
         raise CheckpointError(
@@ -91,9 +96,14 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: str | None) -> Path |
         if differ:
             caution(f"resuming {ckpt} with different settings ({', '.join(differ)}): the run will not be exact")
     if is_main_process():
-        stale = ck.clean_stale(run_dir)  # left by a save that was killed; never read (not complete)
-        if stale:
-            say(f"removed {len(stale)} incomplete checkpoint(s) left by an interrupted save: {', '.join(stale)}")
+        if ckpt is not None:
+            step = json.loads((ckpt / ck.STATE_FILE).read_text())["step"]
+            moved = ck.set_aside_newer(run_dir, step)
+            if moved is not None:
+                caution(
+                    f"resuming from step {step}: this run's later checkpoints belong to the abandoned continuation "
+                    f"and were moved to {moved}"
+                )
         (run_dir / ck.RECIPE_FILE).write_text(recipe.to_yaml())
     return ckpt
 

@@ -36,6 +36,7 @@ class Position:
     last_saved: int | None = None
     last_eval: int | None = None
     last_loss: float | None = None
+    collapse: dict[str, Any] | None = None  # CollapseWatch.state() after the last step
     _order: tuple[int, list[list[int]]] | None = field(default=None, repr=False)
 
     def progress(self, steps_per_epoch: int) -> float:
@@ -64,12 +65,18 @@ def restore(run: Run, ckpt: Path) -> Position:
     groups = saved["optimizer"]["param_groups"]
     if sum(len(g["params"]) for g in groups) != len(run.params):
         raise CheckpointError(f"cannot resume {ckpt}: its optimizer state is for another set of adapter parameters")
+    # The optimizer's moments and the schedule's position come from the checkpoint; its hyperparameters come from
+    # this recipe (load_state_dict would bring back the saved lr and weight decay, and a run resumed with a new
+    # train.lr, weight_decay or max_steps would silently train with the old ones).
+    fresh = [{k: g[k] for k in ("initial_lr", "weight_decay")} for g in run.optimizer.param_groups]
     run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
+    _apply_recipe_hyperparameters(run, fresh)
     st = saved["state"]
     world, rank = run.accelerator.num_processes, run.accelerator.process_index
     if st.get("world_size", 1) != world:
         caution(f"{ckpt} was saved by {st.get('world_size')} process(es), this run has {world}: not bitwise exact")
+    _reconcile_best(run, st)
     d = st["data"]
     if d.get("fingerprint") != run.data_fingerprint or d.get("steps_per_epoch") != run.steps_per_epoch:
         caution(f"the training data or batch size differs from those of {ckpt}: the data position is approximate")
@@ -89,17 +96,46 @@ def restore(run: Run, ckpt: Path) -> Position:
         last_saved=st["step"],
         last_eval=st.get("last_eval_step"),
         last_loss=st.get("last_loss"),
+        collapse=st.get("collapse_watch"),
     )
 
 
-def save(run: Run, pos: Position) -> Path:
-    """Write the checkpoint of the current step (rank 0 writes; every process contributes its RNG states)."""
+def _reconcile_best(run: Run, st: dict[str, Any]) -> None:
+    """best.json names the best checkpoint of the trainer state being resumed (a crash between a best save and
+    best.json, or a resume from an older step, can leave it on another one, which pruning would then keep instead)."""
+    if not is_main_process() or st.get("best_step") is None:
+        return
+    best = ck.step_dir(run.run_dir, st["best_step"])
+    if ck.is_checkpoint(best) and ck.best_checkpoint(run.run_dir) != best:
+        ck.write_best(run.run_dir, best, st["best_eval_loss"], st["best_step"])
+
+
+def _apply_recipe_hyperparameters(run: Run, fresh: list[dict[str, Any]]) -> None:
+    """Put the recipe's base lr and weight decay back after loading, and the lr of the current step of the recipe's
+    schedule (warmup and total steps as configured now). An unchanged recipe gives back the very same values."""
+    sched = run.scheduler
+    for group, hyper, fn in zip(run.optimizer.param_groups, fresh, sched.lr_lambdas, strict=True):
+        group.update(hyper)
+        group["lr"] = hyper["initial_lr"] * fn(sched.last_epoch)  # what LambdaLR.step() sets at this position
+    sched.base_lrs = [h["initial_lr"] for h in fresh]
+    sched._last_lr = [g["lr"] for g in run.optimizer.param_groups]
+
+
+def save(run: Run, pos: Position, best: bool = False) -> Path:
+    """Write the checkpoint of the current step (rank 0 writes; every process contributes its RNG states).
+
+    ``best``: it is the new best by eval loss; best.json points at it before anything is pruned, so a crash at any
+    moment leaves best.json on a checkpoint that exists (and resume reconciles it with the trainer state)."""
     from accelerate.utils import gather_object
 
     from perft_cli.adapters import adapter_state
 
     path = ck.step_dir(run.run_dir, pos.step)
     if pos.last_saved == pos.step and path.is_dir():
+        if best and is_main_process():
+            ck.write_best(run.run_dir, path, pos.best_eval, pos.step)
+            ck.prune_checkpoints(run.run_dir)
+        run.accelerator.wait_for_everyone()
         return path
     rng = gather_object([ck.rng_states()])  # [(tensors, json)] per process, in rank order
     if is_main_process():
@@ -113,6 +149,8 @@ def save(run: Run, pos: Position) -> Path:
             tensors={ck.OPTIMIZER_FILE: opt_tensors, ck.RNG_FILE: rng_tensors},
             jsons={ck.OPTIMIZER_JSON: opt_json, ck.SCHEDULER_FILE: ck.scheduler_json(run.scheduler.state_dict())},
         )
+        if best:
+            ck.write_best(run.run_dir, path, pos.best_eval, pos.step)
         ck.prune_checkpoints(run.run_dir)
     run.accelerator.wait_for_everyone()
     pos.last_saved = pos.step
@@ -137,6 +175,7 @@ def trainer_state(run: Run, pos: Position, rng_json: list[dict[str, Any]]) -> di
         "best_eval_loss": pos.best_eval,
         "best_step": pos.best_step,
         "last_eval_step": pos.last_eval,
+        "collapse_watch": pos.collapse,
         "last_loss": pos.last_loss,
         "world_size": run.accelerator.num_processes,
         "rng": rng_json,
