@@ -76,7 +76,7 @@ def best_checkpoint(run_dir: Path) -> Path | None:
     if best.is_file():
         try:
             path = Path(run_dir) / json.loads(best.read_text())["checkpoint"]
-        except (ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable, not JSON, not {"checkpoint": "..."}
             return None
         if is_checkpoint(path):
             return path
@@ -156,9 +156,14 @@ def write_checkpoint(
 def load_checkpoint_recipe(ckpt: Path) -> Recipe:
     """The recipe saved with a checkpoint; relative paths in it are relative to the checkpoint directory."""
     try:
-        raw = yaml.safe_load((Path(ckpt) / RECIPE_FILE).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise CheckpointError(f"cannot read {Path(ckpt) / RECIPE_FILE}: {e}") from None
+        raw = yaml.safe_load((Path(ckpt) / RECIPE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+            what = f"{e.problem or e.context} (line {e.problem_mark.line + 1})"
+        raise CheckpointError(
+            f"cannot read {Path(ckpt) / RECIPE_FILE}: {what}; the checkpoint is damaged (or not written by perft)"
+        ) from None
     return recipe_from_dict(raw, f"checkpoint recipe {Path(ckpt) / RECIPE_FILE}", base=Path(ckpt).resolve())
 
 
@@ -296,8 +301,12 @@ def read_training_state(ckpt: Path) -> dict[str, Any]:
             f"{ckpt} cannot be resumed: {Path(e.filename).name} is missing (only checkpoints written by "
             "'perft train' hold the optimizer and RNG state)"
         ) from None
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{ckpt} cannot be resumed: {e}") from None
+    except Exception as e:  # OSError, ValueError, KeyError, safetensors' SafetensorError for a truncated file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(
+            f"{ckpt} cannot be resumed: {type(e).__name__}: {first} (a damaged checkpoint: resume from another "
+            "with --resume CKPT_DIR)"
+        ) from None
 
 
 def find_resume(run_dir: Path, resume: str | None) -> Path | None:

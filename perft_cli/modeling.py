@@ -67,17 +67,34 @@ def load_config(cfg: ModelConfig) -> tuple[PretrainedConfig, MoEFamily]:
             family_for(model_type)  # raises the "unsupported family" error with the supported list
         raise ModelError(f"cannot read the config of {name!r}: {str(e).splitlines()[0]}") from None
     except OSError as e:
+        if path.exists():  # a local folder: its config.json is unreadable, the hub has nothing to do with it
+            raise ModelError(f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
         raise _load_error("", cfg, e) from None
-    return config, family_for(getattr(config, "model_type", None))
+    family = family_for(getattr(config, "model_type", None))
+    _check_routing(config, name)
+    return config, family
+
+
+def _check_routing(config: PretrainedConfig, name: str) -> None:
+    """A config whose top-k exceeds its expert count cannot route: say so now, not as a traceback mid-training."""
+    counts = [getattr(config, a, None) for a in ("num_local_experts", "num_experts", "n_routed_experts")]
+    experts = next((v for v in counts if isinstance(v, int)), None)
+    k = getattr(config, "num_experts_per_tok", None)
+    if isinstance(k, int) and experts is not None and not 1 <= k <= experts:
+        raise ModelError(
+            f"{name!r}: its config.json routes each token to num_experts_per_tok={k} of {experts} experts, which "
+            "cannot work; fix the model's config.json"
+        )
 
 
 def _raw_model_type(path: Path) -> str | None:
     import json
 
     try:
-        return json.loads((path / "config.json").read_text()).get("model_type")
+        raw = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return None
+    return raw.get("model_type") if isinstance(raw, dict) else None
 
 
 def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, MoEFamily]:
@@ -87,15 +104,22 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, MoEFamily]:
     if cfg.quantization == "nf4":
         from perft_cli.quant import load_model_nf4
 
-        model = load_model_nf4(
-            cfg.name_or_path,
-            dtype=dtype,
-            double_quant=cfg.double_quant,
-            device_map=cfg.device_map,
-            trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=cfg.attn_implementation,
-            revision=cfg.revision,
-        )
+        try:
+            model = load_model_nf4(
+                cfg.name_or_path,
+                dtype=dtype,
+                double_quant=cfg.double_quant,
+                device_map=cfg.device_map,
+                trust_remote_code=cfg.trust_remote_code,
+                attn_implementation=cfg.attn_implementation,
+                revision=cfg.revision,
+            )
+        except (OSError, ValueError, ImportError) as e:
+            raise _weights_error(cfg, e) from None
+        except Exception as e:  # safetensors' own error type for a truncated or foreign file
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise _weights_error(cfg, e) from None
     else:
         kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
         if cfg.revision:
@@ -106,11 +130,23 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, MoEFamily]:
             kwargs["attn_implementation"] = cfg.attn_implementation
         try:
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
-        except OSError as e:
-            raise ModelError(f"cannot load the weights of {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
+        except (OSError, ValueError, ImportError, RuntimeError) as e:
+            raise _weights_error(cfg, e) from None
+        except Exception as e:  # safetensors' own error type for a truncated or foreign file
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise _weights_error(cfg, e) from None
     for p in model.parameters():
         p.requires_grad_(False)
     return model, family
+
+
+def _weights_error(cfg: ModelConfig, e: BaseException) -> ModelError:
+    """One line for a failed weight load, pointing at the recipe keys that take part in it."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    keys = [k for k in ("attn_implementation", "device_map") if getattr(cfg, k)]
+    hint = f" (check model.{' / model.'.join(keys)})" if keys else ""
+    return ModelError(f"cannot load the weights of {cfg.name_or_path!r}: {type(e).__name__}: {first}{hint}")
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -124,6 +160,12 @@ def load_tokenizer(cfg: ModelConfig):
         if hub.unreachable(cfg.name_or_path):
             raise _load_error("the tokenizer of ", cfg, e) from None
         raise ModelError(f"cannot load the tokenizer of {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
+    if not tok("The quick brown fox.", add_special_tokens=False)["input_ids"]:
+        # transformers builds an empty tokenizer from config.json alone when a folder has no tokenizer files
+        raise ModelError(
+            f"{cfg.name_or_path!r} has no usable tokenizer (it encodes text to nothing): copy the model's tokenizer "
+            "files (tokenizer.json, tokenizer_config.json, ...) into it"
+        )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -9,6 +9,7 @@ bitwise identical to an uninterrupted one.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,7 @@ from perft_cli.training.setup import (
     Run,
     check_quantized,
     check_trackers,
+    commit_run_dir,
     make_accelerator,
     prepare_run_dir,
     schedule_length,
@@ -67,17 +69,24 @@ def run_train(recipe: Recipe, *, resume: str | None = None, dry_run: bool = Fals
 
     run_dir = Path(recipe.output_dir)
     check_trackers(recipe.train.report_to)
-    resume_from = prepare_run_dir(run_dir, recipe, resume)
-    accelerator = make_accelerator(recipe, run_dir)
-    set_seed(recipe.train.seed)  # the same adapter initialisation on every process
+    new_dir = not run_dir.exists()
+    try:  # every check before the run directory is touched; a run that fails them leaves no directory behind
+        resume_from = prepare_run_dir(run_dir, recipe, resume)
+        accelerator = make_accelerator(recipe, run_dir)
+        set_seed(recipe.train.seed)  # the same adapter initialisation on every process
 
-    tokenizer = load_tokenizer(recipe.model)
-    train_set, val_set, source = load_examples(recipe.data, tokenizer)
-    schedule_length(recipe, len(train_set))  # too few examples for one batch: say so before loading the model
-    model, family = load_model(recipe.model)
-    attached = attach_adapter(model, recipe.adapter, family)
-    check_quantized(model, recipe)
-    run = setup_training(recipe, run_dir, accelerator, model, family, attached, tokenizer, train_set, val_set)
+        tokenizer = load_tokenizer(recipe.model)
+        train_set, val_set, source = load_examples(recipe.data, tokenizer)
+        schedule_length(recipe, len(train_set))  # too few examples for one batch: say so before loading the model
+        model, family = load_model(recipe.model)
+        attached = attach_adapter(model, recipe.adapter, family)
+        check_quantized(model, recipe)
+        run = setup_training(recipe, run_dir, accelerator, model, family, attached, tokenizer, train_set, val_set)
+        commit_run_dir(run_dir, recipe, resume_from)
+    except BaseException:
+        if new_dir and is_main_process():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     pos = restore(run, resume_from) if resume_from else fresh_position(run)
     print_start(start_info(run, family, source, resume_from, pos))
 

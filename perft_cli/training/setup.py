@@ -95,17 +95,26 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: str | None) -> Path |
         ck.check_resumable(ckpt)
         if differ:
             caution(f"resuming {ckpt} with different settings ({', '.join(differ)}): the run will not be exact")
-    if is_main_process():
-        if ckpt is not None:
-            step = json.loads((ckpt / ck.STATE_FILE).read_text())["step"]
-            moved = ck.set_aside_newer(run_dir, step)
-            if moved is not None:
-                caution(
-                    f"resuming from step {step}: this run's later checkpoints belong to the abandoned continuation "
-                    f"and were moved to {moved}"
-                )
-        (run_dir / ck.RECIPE_FILE).write_text(recipe.to_yaml())
     return ckpt
+
+
+def commit_run_dir(run_dir: Path, recipe: Recipe, ckpt: Path | None) -> None:
+    """Once data, tokenizer and model have loaded: record the recipe in the run directory and, resuming from an
+    older step, set the later checkpoints aside. Nothing in the run directory changes before this, so a run that
+    fails its checks leaves an existing run as it was."""
+    if not is_main_process():
+        return
+    if ckpt is not None:
+        step = json.loads((ckpt / ck.STATE_FILE).read_text())["step"]
+        moved = ck.set_aside_newer(run_dir, step)
+        if moved is not None:
+            caution(
+                f"resuming from step {step}: this run's later checkpoints belong to the abandoned continuation "
+                f"and were moved to {moved}"
+            )
+    tmp = run_dir / f".tmp-{ck.RECIPE_FILE}"
+    tmp.write_text(recipe.to_yaml())
+    os.replace(tmp, run_dir / ck.RECIPE_FILE)
 
 
 def make_accelerator(recipe: Recipe, run_dir: Path):
