@@ -195,6 +195,12 @@ def load_trained(
         if path is None:
             raise CheckpointError("no checkpoint given; pass --ckpt DIR (or a recipe with --base)")
         recipe = load_checkpoint_recipe(path)
+    name = recipe.model.name_or_path
+    if path is not None and name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+        raise CheckpointError(
+            f"the base model of {path} ({name}) does not exist any more; put it back there, or edit "
+            f"model.name_or_path in {path / RECIPE_FILE} (perft eval also takes --set model.name_or_path=DIR)"
+        )
     model, family = load_model(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     attached = None

@@ -129,3 +129,15 @@ def test_a_failed_start_changes_nothing(trained_run, tmp_path, tiny_model_dir):
     with pytest.raises(DataError):
         run_train(fresh)
     assert not (tmp_path / "new").exists()  # no directory left for a run that never started
+
+
+def test_checkpoint_whose_base_model_moved_names_the_recipe_to_edit(trained_run, tmp_path, tiny_model_dir):
+    from perft_cli.checkpoint import load_trained
+
+    run, _ = trained_run
+    ckpt = shutil.copytree(latest_checkpoint(run), tmp_path / "ck")
+    text = (ckpt / RECIPE_FILE).read_text().replace(str(tiny_model_dir("olmoe")), str(tmp_path / "moved-away"))
+    (ckpt / RECIPE_FILE).write_text(text)
+    with pytest.raises(CheckpointError) as e:
+        load_trained(ckpt)
+    assert "does not exist any more" in _one_line(e) and str(ckpt / RECIPE_FILE) in str(e.value)
