@@ -1,23 +1,104 @@
 """The ``perft`` command line: each command parses its options, calls one run_* function and prints the result.
 
-User errors (PerftError) print as one line on stderr with exit code 1; set PERFT_DEBUG=1 for the traceback.
+User errors (PerftError) and command-line usage errors (unknown option or command, a bad or missing option value)
+print as one line on stderr with exit code 1; set PERFT_DEBUG=1 for the traceback.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from perft_cli.errors import PerftError
 
+
+def _debug() -> bool:
+    return os.environ.get("PERFT_DEBUG", "") not in ("", "0")
+
+
+def _print_error(message: str) -> None:
+    """The one ``error: ...`` line on stderr."""
+    from rich.markup import escape
+
+    from perft_cli.console import err
+
+    # Escaped: messages hold paths and hints like "pip install 'perft-cli[plot]'" that are not markup.
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+
+
+def _click_error_types() -> tuple[type[Exception], ...]:
+    """Click's exception base: typer >= 0.2x vendors Click (typer.TyperException), older typer uses click itself."""
+    found: list[type[Exception]] = []
+    if hasattr(typer, "TyperException"):
+        found.append(typer.TyperException)
+    try:
+        import click
+
+        found.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+_CLICK_ERRORS = _click_error_types()
+
+
+def _usage_error(e: Exception, command: str | None = None) -> typer.Exit:
+    """Print a Click usage error (bad option value, unknown option or command, missing argument) as one line.
+
+    ``command`` names the subcommand being parsed, for errors that do not carry their context.
+    """
+    message = " ".join(e.format_message().split()).rstrip(".")  # type: ignore[attr-defined]
+    message = re.sub(r"\. Did you mean (.+)\?$", r" (did you mean \1?)", message)
+    if len(message) > 1 and message[0].isupper() and message[1].islower():
+        message = message[0].lower() + message[1:]  # "No such option" -> "no such option", like every error line
+    names: list[str] = []
+    ctx = getattr(e, "ctx", None)  # a UsageError knows the command it was raised for
+    if ctx is None and command:
+        names = [command]
+    while ctx is not None and ctx.parent is not None:  # the root's info_name is the program ("python -m ...")
+        names.insert(0, ctx.info_name or "")
+        ctx = ctx.parent
+    _print_error(f"{message}; see '{' '.join(['perft', *names, '--help'])}'")
+    return typer.Exit(1)
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors as one ``error:`` line with exit code 1 (Click's default: a boxed panel, exit code 2).
+
+    Covers the group's own options (make_context) and each command's (parsed inside invoke). A bare ``perft``
+    (NoArgsIsHelpError) still prints the help, and --help / --version still exit 0.
+    """
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _CLICK_ERRORS as e:
+            if _debug() or type(e).__name__ == "NoArgsIsHelpError":  # a bare `perft`: the help, as before
+                raise
+            raise _usage_error(e) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _CLICK_ERRORS as e:
+            if _debug() or type(e).__name__ == "NoArgsIsHelpError":  # a bare `perft`: the help, as before
+                raise
+            raise _usage_error(e, ctx.invoked_subcommand) from None
+
+
 app = typer.Typer(
     name="perft",
+    cls=_OneLineErrors,
     help="Parameter-Efficient Routed Fine-Tuning (PERFT) for Mixture-of-Experts language models.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -43,10 +124,6 @@ def _main(
     """Parameter-Efficient Routed Fine-Tuning (PERFT) for Mixture-of-Experts language models."""
 
 
-def _debug() -> bool:
-    return os.environ.get("PERFT_DEBUG", "") not in ("", "0")
-
-
 def user_errors(fn: Callable) -> Callable:
     """Print a PerftError as one line on stderr and exit 1 (the traceback only with PERFT_DEBUG=1)."""
 
@@ -57,12 +134,7 @@ def user_errors(fn: Callable) -> Callable:
         except PerftError as e:
             if _debug():
                 raise
-            from rich.markup import escape
-
-            from perft_cli.console import err
-
-            # Escaped: messages hold paths and hints like "pip install 'perft-cli[plot]'" that are not markup.
-            err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
+            _print_error(str(e))
             raise typer.Exit(1) from None
 
     return wrapper
@@ -71,7 +143,13 @@ def user_errors(fn: Callable) -> Callable:
 RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe (see recipes/README.md).", show_default=False)]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a recipe key, e.g. --set adapter.top_k=4 (repeatable).", show_default=False),
+    typer.Option(
+        "--set",
+        help="Override a recipe key, e.g. --set adapter.top_k=4 (repeatable). "
+        "VALUE is YAML (4, true, \\[a, b], null); text keys (paths, names, output_dir) take it literally, "
+        "null meaning none.",
+        show_default=False,
+    ),
 ]
 CkptOpt = Annotated[
     Path, typer.Option("--ckpt", help="Run directory (its best or latest checkpoint) or a checkpoint directory.")
@@ -85,7 +163,7 @@ def train(
     recipe: RecipeArg,
     set_: SetOpt = None,
     output_dir: Annotated[
-        Path | None, typer.Option("--output-dir", help="Run directory (overrides the recipe).")
+        Path | None, typer.Option("--output-dir", help="Run directory (overrides the recipe; taken literally).")
     ] = None,
     resume: Annotated[
         str | None,
@@ -104,17 +182,23 @@ def train(
     from perft_cli.progress import say
     from perft_cli.train import run_train
 
-    overrides = list(set_ or [])
-    if output_dir is not None:
-        overrides.append(f"output_dir={output_dir}")
     if json_ and not dry_run:
         raise PerftError("--json only applies with --dry-run (training writes metrics.jsonl and summary.json)")
-    result = run_train(load_recipe(recipe, overrides), resume=resume, dry_run=dry_run, as_json=json_)
+    if resume is not None and dry_run:
+        raise PerftError("--resume does not apply with --dry-run (a dry run trains nothing); drop one of them")
+    loaded = load_recipe(recipe, list(set_ or []))
+    if output_dir is not None:  # a path as given: not YAML ("run #2", "2024" and "yes" are directory names)
+        loaded = loaded.model_copy(update={"output_dir": str(output_dir)})
+    result = run_train(loaded, resume=resume, dry_run=dry_run, as_json=json_)
     if result.get("status") == "interrupted":
-        again = " ".join(["perft train", str(recipe), *(f"--set {o}" for o in set_ or [])])
-        again += f" --output-dir {output_dir}" if output_dir is not None else ""
+        again = ["perft", "train", str(recipe)]
+        for o in set_ or []:
+            again += ["--set", o]
+        if output_dir is not None:
+            again += ["--output-dir", str(output_dir)]
         saved = result["last_checkpoint"]
-        say(f"interrupted at step {result['step']}; saved {saved}. Resume with: {again} --resume auto")
+        hint = shlex.join([*again, "--resume", "auto"])  # quoted, so it can be pasted into a shell as it is
+        say(f"interrupted at step {result['step']}; saved {saved}. Resume with: {hint}")
         raise typer.Exit(130)
 
 

@@ -1,14 +1,18 @@
 """The typed recipe: declared once, strict (unknown keys are errors naming the dotted key), frozen.
 
-``load_recipe(path, overrides)`` reads YAML, applies ``--set section.key=value`` overrides (values parsed as YAML),
-validates, and resolves local paths. Defaults are the paper's reference setup (method.md) unless noted.
+``load_recipe(path, overrides)`` reads YAML, applies ``--set section.key=value`` overrides (values parsed as YAML,
+except text keys such as paths, which are taken literally; see ``apply_override``), validates, and resolves local
+paths. Every float must be finite (``.inf`` and ``.nan`` are errors naming the key). Defaults are the paper's
+reference setup (method.md) unless noted.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -17,7 +21,8 @@ from perft_cli.errors import RecipeError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    # allow_inf_nan=False: inf / nan in any float field (epochs, alpha, weight_decay, ...) is a one-line error.
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -143,9 +148,21 @@ def _suggest(word: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _show_key(key: Any) -> str:
+    """A recipe key as the user wrote it: 'name' for text, YAML spelling (1, null, true) for anything else."""
+    if isinstance(key, str):
+        return repr(key)
+    try:
+        return json.dumps(key)
+    except (TypeError, ValueError):
+        return str(key)
+
+
 def _check_keys(raw: dict[str, Any], where: str) -> None:
     top = set(SECTIONS) | {"output_dir"}
     for key, value in raw.items():
+        if not isinstance(key, str):
+            raise RecipeError(f"{where}: unknown key {_show_key(key)} (not a name); sections are {sorted(top)}")
         if key not in top:
             raise RecipeError(f"{where}: unknown key {key!r}{_suggest(key, top)}; sections are {sorted(top)}")
         if key in SECTIONS:
@@ -155,18 +172,50 @@ def _check_keys(raw: dict[str, Any], where: str) -> None:
                 raise RecipeError(f"{where}: {key!r} must be a mapping of keys, got {type(value).__name__}")
             fields = SECTIONS[key].model_fields
             for sub in value:
+                if not isinstance(sub, str):
+                    raise RecipeError(
+                        f"{where}: unknown key {_show_key(sub)} in section {key!r} (not a name); "
+                        f"its keys are {sorted(fields)}"
+                    )
                 if sub not in fields:
-                    raise RecipeError(f"{where}: unknown key '{key}.{sub}'{_suggest(str(sub), fields)}")
+                    raise RecipeError(f"{where}: unknown key '{key}.{sub}'{_suggest(sub, fields)}")
+
+
+def _is_text(annotation: Any) -> bool:
+    """str or str | None: paths, names, ids. --set takes their values literally (no YAML parsing)."""
+    if annotation is str:
+        return True
+    if get_origin(annotation) in (Union, types.UnionType):
+        return set(get_args(annotation)) == {str, type(None)}
+    return False
+
+
+_NULLS = ("null", "Null", "NULL", "~")
+
+
+def _literal_text(key: str, text: str) -> str | None:
+    """The value of a text key given with --set: the text itself (stripped); null or ~ means none."""
+    text = text.strip()
+    if not text:
+        raise RecipeError(f"--set {key}: empty value; give {key}=VALUE (or {key}=null for none)")
+    return None if text in _NULLS else text
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply one ``section.key=value`` override; the value is parsed as YAML (``4``, ``true``, ``[a, b]``)."""
+    """Apply one ``section.key=value`` (or ``output_dir=value``) override.
+
+    Text keys (type str or str | None: ``output_dir``, ``data.train``, ``model.name_or_path``, ``model.revision``,
+    ...) take the value literally, so ``output_dir=run #2``, ``output_dir=2024`` or ``data.split=yes`` mean that very
+    text; ``null`` (or ``~``) means none. Every other key's value is parsed as YAML (``4``, ``true``, ``[a, b]``,
+    ``{instruction: question}``); a value YAML cannot parse is a one-line error.
+    """
     if "=" not in assignment:
         raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set adapter.top_k=4")
     key, _, text = assignment.partition("=")
-    parts = key.strip().split(".")
+    key = key.strip()
+    parts = key.split(".")
     if parts == ["output_dir"]:
-        raw["output_dir"] = yaml.safe_load(text)
+        raw["output_dir"] = _literal_text(key, text)
         return
     if len(parts) != 2 or parts[0] not in SECTIONS:
         raise RecipeError(f"--set {key!r}: expected SECTION.KEY with a section of {sorted(SECTIONS)}")
@@ -174,10 +223,14 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     fields = SECTIONS[section].model_fields
     if field not in fields:
         raise RecipeError(f"--set: unknown key '{section}.{field}'{_suggest(field, fields)}")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"--set {key}: value {text!r} is not valid YAML ({e.problem})") from None
+    if _is_text(fields[field].annotation):
+        value = _literal_text(key, text)
+    else:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise RecipeError(f"--set {key}: value {text!r} is not valid YAML ({problem})") from None
     if not isinstance(raw.get(section), dict):
         raw[section] = {}
     raw[section][field] = value
@@ -236,7 +289,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"recipe {path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]  # ReaderError: no .problem, 2 lines
+        raise RecipeError(f"recipe {path}: not valid YAML{at}: {problem}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"recipe {path}: not a text file") from None
     raw = {} if raw is None else raw

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,3 +174,156 @@ def test_nf4_check_fails_loudly_when_experts_stay_16_bit(tmp_path, model, monkey
         modeling, "load_model", lambda cfg: real(ModelConfig(**{**cfg.model_dump(), "quantization": "none"}))
     )
     fails([recipe_file(tmp_path, model), "--set", "model.quantization=nf4", "--dry-run"], "nf4", "not 4-bit")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recipe keys that are not names, non-finite floats, --set / --output-dir values, --dry-run with --resume
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("1: x\nmodel: {name_or_path: m}\n", "unknown key 1 (not a name)"),
+        ("model: {name_or_path: m}\nnull: 3\n", "unknown key null (not a name)"),
+        ("model: {name_or_path: m, 7: x}\n", "unknown key 7 in section 'model'"),
+        ("model: {name_or_path: m}\ntrain: {~: 1}\n", "unknown key null in section 'train'"),
+    ],
+)
+def test_recipe_key_that_is_not_a_name(tmp_path, text, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    fails([recipe], message)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.epochs=.inf",
+        "adapter.alpha=.inf",
+        "train.weight_decay=.inf",
+        "adapter.router_aux_loss_coef=.inf",
+        "adapter.base_aux_loss_coef=.inf",
+        "train.max_grad_norm=-.inf",
+        "train.epochs=.nan",
+        "adapter.alpha=.nan",
+    ],
+)
+def test_non_finite_floats(tmp_path, model, override):
+    key = override.partition("=")[0]
+    extra = ["--set", "train.max_steps=null"] if key == "train.epochs" else []
+    fails([recipe_file(tmp_path, model), *extra, "--set", override], f"{key}: Input should be a finite number")
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made
+
+
+def test_set_value_that_yaml_cannot_parse(tmp_path, model):
+    fails([recipe_file(tmp_path, model), "--set", "train.epochs=[x"], "--set train.epochs", "not valid YAML")
+
+
+@pytest.fixture
+def captured_recipe(monkeypatch):
+    """Replace run_train: the CLI's final recipe is recorded, nothing is trained."""
+    import perft_cli.train
+
+    seen = {}
+
+    def fake_run_train(recipe, **kwargs):
+        seen["recipe"], seen["kwargs"] = recipe, kwargs
+        return {"status": "done"}
+
+    monkeypatch.setattr(perft_cli.train, "run_train", fake_run_train)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["[x", "run #2", "2024", "yes", "runs/a: b", "null"])
+def test_output_dir_is_taken_literally(tmp_path, model, captured_recipe, name):
+    result = CliRunner().invoke(app, ["train", str(recipe_file(tmp_path, model)), "--output-dir", name])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert captured_recipe["recipe"].output_dir == name
+
+
+@pytest.mark.parametrize("name", ["[x", "run #2", "2024", "yes", "runs/a: b"])
+def test_set_output_dir_is_taken_literally(tmp_path, model, captured_recipe, name):
+    result = CliRunner().invoke(app, ["train", str(recipe_file(tmp_path, model)), "--set", f"output_dir={name}"])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert captured_recipe["recipe"].output_dir == name
+
+
+def test_dry_run_with_resume(tmp_path, model):
+    fails([recipe_file(tmp_path, model), "--dry-run", "--resume", tmp_path / "nope_ckpt"], "--resume", "--dry-run")
+
+
+def test_resume_hint_after_ctrl_c_is_shell_quoted(tmp_path, model, monkeypatch):
+    """The "Resume with:" line pastes back into a shell as the same arguments, spaces and brackets included."""
+    import shlex
+
+    import perft_cli.train
+
+    saved = tmp_path / "run dir" / "checkpoints" / "step-00000002"
+    monkeypatch.setattr(
+        perft_cli.train,
+        "run_train",
+        lambda recipe, **kw: {"status": "interrupted", "step": 2, "last_checkpoint": str(saved)},
+    )
+    recipe = str(recipe_file(tmp_path, model))
+    args = ["--set", "eval.tasks=[demo_choice, demo_math]", "--output-dir", str(tmp_path / "run dir")]
+    result = CliRunner().invoke(app, ["train", recipe, *args])
+    assert result.exit_code == 130, (result.stderr, result.exception)
+    hint = result.stderr.split("Resume with: ", 1)[1].strip()
+    assert shlex.split(hint) == ["perft", "train", recipe, *args, "--resume", "auto"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Usage errors found by the command-line parser itself: one line and exit 1 too (Click's default is a box, exit 2)
+
+
+def one_line(result, *expected: str) -> str:
+    stderr = result.stderr
+    assert result.exit_code == 1, (result.exit_code, stderr, result.exception)
+    assert stderr.startswith("error:") and stderr.count("\n") == 1, stderr
+    assert "Traceback" not in stderr + result.stdout and "╭" not in stderr
+    for fragment in expected:
+        assert fragment in stderr, stderr
+    return stderr
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["eval", "--ckpt", "x", "--limit", "0"], ["'--limit'", "see 'perft eval --help'"]),
+        (["eval", "--ckpt", "x", "--limit", "abc"], ["'--limit'", "integer", "see 'perft eval --help'"]),
+        (["eval", "--ckpt", "x", "--max-new-tokens", "0"], ["'--max-new-tokens'"]),
+        (["eval", "--mode"], ["'--mode' requires an argument", "see 'perft eval --help'"]),
+        (["inspect-routing", "--ckpt", "x", "--collapse-share", "1.5"], ["'--collapse-share'"]),
+        (["inspect-routing", "--ckpt", "x", "--batch-size", "0"], ["'--batch-size'", "perft inspect-routing"]),
+        (["merge", "--ckpt", "x"], ["missing option '--out'", "see 'perft merge --help'"]),
+        (["plan", "r.yaml", "--sett", "adapter.rank=2"], ["no such option: --sett", "see 'perft plan --help'"]),
+        (["plan", "r.yaml", "extra"], ["unexpected extra argument", "(extra)"]),
+        (["train"], ["missing argument 'recipe'", "see 'perft train --help'"]),
+        (["trian", "r.yaml"], ["no such command 'trian' (did you mean 'train'?)", "see 'perft --help'"]),
+        (["--bogus"], ["no such option: --bogus", "see 'perft --help'"]),
+    ],
+)
+def test_usage_errors_are_one_line(args, expected):
+    one_line(CliRunner().invoke(app, args), *expected)
+
+
+def _perft(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PERFT_DEBUG"}
+    return subprocess.run(
+        [sys.executable, "-m", "perft_cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_usage_errors_through_the_entry_point():
+    """`python -m perft_cli` (what the console script runs): one line and exit 1; help and bare `perft` as before."""
+    bad = _perft("eval", "--limit", "0")
+    assert bad.returncode == 1, bad.stderr
+    assert bad.stderr.startswith("error: invalid value for '--limit'") and bad.stderr.count("\n") == 1, bad.stderr
+    assert "see 'perft eval --help'" in bad.stderr
+    for args in (["--help"], ["train", "--help"]):
+        ok = _perft(*args)
+        assert ok.returncode == 0 and "Usage" in ok.stdout and not ok.stderr.strip(), (args, ok.stderr)
+    version = _perft("--version")
+    assert version.returncode == 0 and version.stdout.startswith("perft ")
+    bare = _perft()  # no command: the help (Click's no_args_is_help), as before
+    assert "Usage" in bare.stdout + bare.stderr and "error:" not in bare.stdout + bare.stderr

@@ -61,6 +61,28 @@ def _write(tmp_path, text: str) -> Path:
         ("model: [unclosed\n", [], "not valid YAML at line"),
         ("- a\n- b\n", [], "must be a YAML mapping"),
         ("adapter: {rank: 4}\n", [], "missing section 'model'"),
+        # keys that YAML does not read as names
+        ("1: x\nmodel: {name_or_path: x}\n", [], "unknown key 1 (not a name); sections are"),
+        ("model: {name_or_path: x}\nnull: 3\n", [], "unknown key null (not a name)"),
+        ("model: {name_or_path: x}\ntrue: 3\n", [], "unknown key true (not a name)"),
+        ("model: {name_or_path: x, 1: y}\n", [], "unknown key 1 in section 'model' (not a name); its keys are"),
+        # inf and nan in every float field
+        ("model: {name_or_path: x}\n", ["train.epochs=.inf"], "train.epochs: Input should be a finite number"),
+        ("model: {name_or_path: x}\n", ["train.epochs=.nan"], "train.epochs: Input should be a finite number"),
+        ("model: {name_or_path: x}\n", ["train.lr=.inf"], "train.lr: Input should be a finite number"),
+        ("model: {name_or_path: x}\n", ["adapter.alpha=.inf"], "adapter.alpha: Input should be a finite number"),
+        ("model: {name_or_path: x}\n", ["train.weight_decay=.inf"], "train.weight_decay: Input should be a finite"),
+        ("model: {name_or_path: x}\n", ["adapter.router_aux_loss_coef=.inf"], "adapter.router_aux_loss_coef: "),
+        ("model: {name_or_path: x}\n", ["adapter.base_aux_loss_coef=.inf"], "adapter.base_aux_loss_coef: Input"),
+        ("model: {name_or_path: x}\n", ["train.max_grad_norm=.inf"], "train.max_grad_norm: Input should be a"),
+        ("model: {name_or_path: x}\n", ["train.max_steps=.inf"], "train.max_steps: Input should be a finite"),
+        ("model: {name_or_path: x}\ntrain: {epochs: .inf}\n", [], "train.epochs: Input should be a finite number"),
+        # --set values
+        ("model: {name_or_path: x}\n", ["train.epochs=[x"], "--set train.epochs: value '[x' is not valid YAML"),
+        ("model: {name_or_path: x}\n", ["adapter.rank=\x01"], "--set adapter.rank: value"),
+        ("model: {name_or_path: x}\n", ["output_dir="], "--set output_dir: empty value"),
+        ("model: {name_or_path: x}\n", ["data.train=  "], "--set data.train: empty value"),
+        ("model: {name_or_path: x\x01}\n", [], "not valid YAML: unacceptable character"),
     ],
 )
 def test_bad_recipes_give_one_clear_line(tmp_path, text, overrides, message):
@@ -93,3 +115,37 @@ def test_recipe_readme_documents_every_key():
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "recipe_docs.py")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout in (ROOT / "recipes" / "README.md").read_text(), "regenerate with scripts/recipe_docs.py"
+
+
+@pytest.mark.parametrize(
+    "override,key,value",
+    [
+        ("output_dir=[x", "output_dir", "[x"),
+        ("output_dir=run #2", "output_dir", "run #2"),
+        ("output_dir=2024", "output_dir", "2024"),
+        ("output_dir=yes", "output_dir", "yes"),
+        ("output_dir=runs/a: b", "output_dir", "runs/a: b"),
+        ("output_dir=null", "output_dir", str(Path("runs") / "r")),  # null: none, so the default
+        ("data.split=train[:100]", "data.split", "train[:100]"),
+        ("model.revision=2024", "model.revision", "2024"),
+        ("model.attn_implementation=null", "model.attn_implementation", None),
+        ("data.train=~", "data.train", None),
+        ("data.train= my data.json ", "data.train", "my data.json"),
+    ],
+)
+def test_set_takes_text_keys_literally(tmp_path, override, key, value):
+    """Text keys (paths, names) take the --set value as written; YAML would read '#' as a comment, 2024 as a number."""
+    r = load_recipe(_write(tmp_path, "model: {name_or_path: x, attn_implementation: sdpa}\n"), [override])
+    obj = r
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    assert obj == value
+
+
+def test_set_still_parses_other_keys_as_yaml(tmp_path):
+    r = load_recipe(
+        _write(tmp_path, "model: {name_or_path: x}\n"),
+        ["data.fields={instruction: question}", "train.max_steps=null", "model.double_quant=yes", "train.lr=2e-5"],
+    )
+    assert r.data.fields == {"instruction": "question"} and r.train.max_steps is None
+    assert r.model.double_quant is True and r.train.lr == 2e-5
