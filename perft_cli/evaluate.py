@@ -18,6 +18,7 @@ from typing import Any
 from perft_cli import dist_version, harness
 from perft_cli.errors import PerftError
 from perft_cli.generation import GENERATION, evaluate_task, generate_responses
+from perft_cli.outputs import atomic_file, check_output_file
 from perft_cli.prompts import eval_prompt
 from perft_cli.tasks import (
     ARITHMETIC,
@@ -70,6 +71,12 @@ def run_eval(
     elif lm_eval_include is not None:
         raise PerftError("--lm-eval-include only applies with --mode lm-eval")
     recipe, ckpt_path = _recipe(ckpt, recipe_path, base, overrides or [])
+    # Both output files are checked before any slow work (hub data, the model); written only once all is done.
+    json_file = Path(json_path).expanduser() if json_path else _default_json(ckpt_path, recipe, base, mode)
+    examples_file = json_file.with_name(json_file.stem + ".examples.jsonl")
+    fix = "choose another path with --json FILE"
+    check_output_file(json_file, "--json" if json_path else "the results file", fix)
+    check_output_file(examples_file, "the per-example file", fix)
     cfg = recipe.eval
     limit = limit or cfg.limit
     batch_size = batch_size or cfg.batch_size
@@ -78,35 +85,46 @@ def run_eval(
         names = harness.local_tasks(lm_eval_include)  # --lm-eval-include DIR alone: every task defined there
     else:
         names = tasks or cfg.tasks or _default_tasks(recipe, mode)
+    data_option = "--data-dir" if data_dir is not None else "eval.data_dir"
     data_dir = data_dir or cfg.data_dir
     if mode == "generation":  # read (and check) the data before loading the model
-        loaded = [load_records(t, folder, data_dir) for t, folder in resolve_tasks(names, data_dir)]
+        loaded = [load_records(t, folder, data_dir) for t, folder in resolve_tasks(names, data_dir, data_option)]
     else:  # find the lm-eval tasks before loading the model
         lm_tasks = harness.task_manager(names, lm_eval_include)
-    model, tokenizer, recipe, _, _ = load_trained(ckpt_path, base=base, recipe=recipe)
-    _place(model)
-    json_file = Path(json_path) if json_path else _default_json(ckpt_path, recipe, base, mode)
-    json_file.parent.mkdir(parents=True, exist_ok=True)
-    examples_file = json_file.with_name(json_file.stem + ".examples.jsonl")
-    started = time.time()
-    if mode == "lm-eval":
-        result = harness.run_lm_eval(model, tokenizer, *lm_tasks, examples_file, batch_size=batch_size, limit=limit)
-    else:
-        settings = dict(batch_size=batch_size, num_beams=cfg.num_beams, max_new_tokens=max_new_tokens)
-        result = _run_generation(model, tokenizer, loaded, examples_file, limit=limit, **settings)
-    result["examples_file"] = str(examples_file)
-    result.update(
-        checkpoint=str(ckpt_path) if ckpt_path else None,
-        adapted=not base,
-        model=recipe.model.name_or_path,
-        quantization=recipe.model.quantization,
-        limit=limit,
-        seconds=round(time.time() - started, 2),
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        versions=_versions(),
-        recipe=recipe.model_dump(mode="json"),
-    )
-    json_file.write_text(json.dumps(result, indent=2) + "\n")
+    try:
+        with atomic_file(json_file) as json_tmp, atomic_file(examples_file) as examples_tmp:
+            model, tokenizer, recipe, _, _ = load_trained(ckpt_path, base=base, recipe=recipe)
+            _place(model)
+            started = time.time()
+            if mode == "lm-eval":
+                result = harness.run_lm_eval(
+                    model, tokenizer, *lm_tasks, examples_tmp, batch_size=batch_size, limit=limit
+                )
+            else:
+                settings = dict(batch_size=batch_size, num_beams=cfg.num_beams, max_new_tokens=max_new_tokens)
+                result = _run_generation(model, tokenizer, loaded, examples_tmp, limit=limit, **settings)
+            result["examples_file"] = str(examples_file)
+            result.update(
+                checkpoint=str(ckpt_path) if ckpt_path else None,
+                adapted=not base,
+                model=recipe.model.name_or_path,
+                quantization=recipe.model.quantization,
+                limit=limit,
+                seconds=round(time.time() - started, 2),
+                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                versions=_versions(),
+                recipe=recipe.model_dump(mode="json"),
+            )
+            json_tmp.write_text(json.dumps(result, indent=2) + "\n")
+    except KeyboardInterrupt:
+        from rich.markup import escape
+
+        from perft_cli.console import info
+
+        # The temporary files are gone by now; the CLI turns KeyboardInterrupt into exit code 130.
+        said = f"interrupted: the evaluation did not finish, so nothing was written to {json_file} or {examples_file}"
+        info(escape(said))
+        raise
     result["json_file"] = str(json_file)
     _print_table(result)
     from perft_cli.console import info
@@ -231,6 +249,7 @@ def _recipe(ckpt, recipe_path, base: bool, overrides: list[str]):
 
     from perft_cli.checkpoint import load_checkpoint_recipe, resolve_checkpoint
     from perft_cli.config import apply_override, load_recipe, recipe_from_dict
+    from perft_cli.merge_report import check_ckpt_arg
 
     if ckpt is None:
         if recipe_path is None:
@@ -240,6 +259,7 @@ def _recipe(ckpt, recipe_path, base: bool, overrides: list[str]):
         return load_recipe(recipe_path, overrides), None
     if recipe_path is not None:
         raise PerftError("pass --ckpt or --recipe, not both (change the checkpoint's recipe with --set KEY=VALUE)")
+    check_ckpt_arg(ckpt, "eval")  # a file, a merged LoRA model: say so (not "has the run saved yet?")
     path = resolve_checkpoint(ckpt)
     recipe = load_checkpoint_recipe(path)
     if overrides:

@@ -12,6 +12,7 @@ routing differs from "before" even though its router is frozen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from perft_cli.errors import DataError
+from perft_cli.errors import DataError, PerftError
 
 BASE_COLLAPSE_FACTOR = 3.0  # flag a base expert whose share exceeds 3x the uniform share 1/E
 DEFAULT_LIMIT = 120  # examples taken from the training records when the recipe holds no validation split
@@ -27,16 +28,29 @@ DEFAULT_LIMIT = 120  # examples taken from the training records when the recipe 
 
 # ---------------------------------------------------------------------------------------------------------------- data
 def select_examples(recipe: Any, tokenizer: Any, data: Path | None, limit: int | None) -> tuple[list[list[int]], str]:
-    """Token ids of the examples to route (training prompts as training tokenises them), and where they came from.
+    """Token ids of the examples to route (training prompts as training tokenises them), and where they came from."""
+    from perft_cli.data import tokenize
+
+    records, cfg, source = select_records(recipe, data, limit)
+    return tokenize(records, tokenizer, cfg).input_ids, source
+
+
+def select_records(
+    recipe: Any, data: Path | None, limit: int | None, ckpt: Path | None = None
+) -> tuple[list[dict[str, str]], Any, str]:
+    """The records to route, the data settings to tokenise them with, and where they came from (for the report).
 
     ``--data FILE``: that file's records. Otherwise the run's held-out split of ``data.train`` (the examples the eval
-    loss used, never trained on), or its first records when the recipe holds none out.
+    loss used, never trained on), or its first records when the recipe holds none out. Read before the model loads,
+    so that a missing file fails at once; ``ckpt`` names the checkpoint whose recipe holds ``data.train``.
     """
-    from perft_cli.data import read_records, split_indices, tokenize
+    from perft_cli.data import read_records, split_indices
 
     cfg = recipe.data
     if data is not None:
         cfg = cfg.model_copy(update={"train": str(data), "format": "auto"})
+    _check_source(cfg, data, ckpt)
+    if data is not None:
         records, source = read_records(cfg)
         records, what = records[:limit], f"{len(records[:limit])} of {len(records)} records"
     else:
@@ -48,7 +62,30 @@ def select_examples(recipe: Any, tokenizer: Any, data: Path | None, limit: int |
             records, what = records[: limit or DEFAULT_LIMIT], "first training records (no validation split)"
     if not records:
         raise DataError(f"{source}: no records to route")
-    return tokenize(records, tokenizer, cfg).input_ids, f"{source} ({what})"
+    return records, cfg, f"{source} ({what})"
+
+
+def _check_source(cfg: Any, data: Path | None, ckpt: Path | None) -> None:
+    """A missing data file named in the words of this command: ``--data``, or the run's ``data.train``.
+
+    inspect-routing has no ``--set``: the only way to change the data is ``--data FILE``, so that is the advice
+    (data.read_records would say "check data.train").
+    """
+    from perft_cli.data import source_format
+
+    fix = "pass the examples to route with --data FILE (JSON or JSONL instruction/output records)"
+    recipe_file = f" in {Path(ckpt) / 'recipe.yaml'}" if ckpt is not None else ""
+    if data is None and not cfg.train:
+        raise DataError(f"the checkpoint's recipe{recipe_file} has no data.train; {fix}")
+    if source_format(cfg) == "hub":
+        return  # read_records names the dataset and what went wrong
+    path = Path(cfg.train).expanduser()
+    if path.is_file():
+        return
+    what = "is a directory, not a file" if path.is_dir() else "not found"
+    if data is not None:
+        raise DataError(f"--data {str(data)!r} {what}; pass a JSON or JSONL file of instruction/output records")
+    raise DataError(f"the run's training data {cfg.train!r} (data.train{recipe_file}) {what}; {fix}")
 
 
 def batches(encoded: list[list[int]], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -231,12 +268,17 @@ def inspect(
     """Route the dataset through the trained model (adapters attached) and the frozen one; return the report."""
     from perft_cli.adapters import detach_adapter
     from perft_cli.arch import find_moe_blocks
-    from perft_cli.checkpoint import load_trained, resolve_checkpoint
+    from perft_cli.checkpoint import load_checkpoint_recipe, load_trained, resolve_checkpoint
+    from perft_cli.data import tokenize
+    from perft_cli.merge_report import check_ckpt_arg
     from perft_cli.perft import attached_adapters
 
+    check_ckpt_arg(ckpt, "inspect-routing")  # a file, a merged LoRA model: say so (not "has the run saved yet?")
     path = resolve_checkpoint(ckpt)
-    model, tokenizer, recipe, family, attached = load_trained(path)
-    encoded, source = select_examples(recipe, tokenizer, data, limit)
+    recipe = load_checkpoint_recipe(path)
+    records, data_cfg, source = select_records(recipe, data, limit, path)  # before the model loads
+    model, tokenizer, recipe, family, attached = load_trained(path, recipe=recipe)
+    encoded = tokenize(records, tokenizer, data_cfg).input_ids
     batch_list = list(batches(encoded, batch_size, tokenizer.pad_token_id))
     blocks = find_moe_blocks(model, family)
     recorder = attached.recorder if attached.variant == "perft-r" else None
@@ -305,22 +347,31 @@ def run_inspect(
     collapse_share: float = 0.5,
 ) -> dict[str, Any]:
     """The command: inspect, print the terminal report, write the files asked for."""
+    from rich.markup import escape
+
     from perft_cli import routing_report
     from perft_cli.console import info
+    from perft_cli.outputs import atomic_file, check_output_file
 
-    if png_path is not None:
-        routing_report.require_matplotlib()  # fail before the (long) routing pass, not after
+    # Every output path is checked before the (long) routing pass, not after it.
+    given = (("--json", json_path), ("--html", html_path), ("--png", png_path))
+    outputs = {option: Path(p).expanduser() for option, p in given if p is not None}
+    for option, path in outputs.items():
+        check_output_file(path, option, f"choose another path for {option}")
+    if len({p.resolve() for p in outputs.values()}) < len(outputs):
+        raise PerftError(f"{' and '.join(outputs)} name the same file; give each its own path")
+    png_format = routing_report.png_format(outputs["--png"]) if "--png" in outputs else None
     report = inspect(ckpt, data, limit, batch_size, collapse_share)
     routing_report.print_report(report)
-    if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report, indent=2))
-        info(f"wrote {json_path}")
-    if html_path is not None:
-        Path(html_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(html_path).write_text(routing_report.render_html(report), encoding="utf-8")
-        info(f"wrote {html_path}")
-    if png_path is not None:
-        routing_report.render_png(report, Path(png_path))
-        info(f"wrote {png_path}")
+    # All files or none: each is rendered to a temporary file, and they are renamed into place together at the end.
+    with contextlib.ExitStack() as stack:
+        tmp = {option: stack.enter_context(atomic_file(path)) for option, path in outputs.items()}
+        if "--json" in tmp:
+            tmp["--json"].write_text(json.dumps(report, indent=2))
+        if "--html" in tmp:
+            tmp["--html"].write_text(routing_report.render_html(report), encoding="utf-8")
+        if "--png" in tmp:
+            routing_report.render_png(report, tmp["--png"], png_format)
+    for path in outputs.values():
+        info(escape(f"wrote {path}"))
     return report

@@ -22,6 +22,7 @@ This module holds the command (``run_merge``), the atomic write of ``--out`` and
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -33,8 +34,9 @@ import torch
 
 from perft_cli.errors import CheckpointError, PerftError
 from perft_cli.lora_fold import fold_lora  # looked up here by _fold_or_export: tests patch merge.fold_lora
-from perft_cli.merge_report import model_card, print_merge
+from perft_cli.merge_report import MERGE_FILE, check_ckpt_arg, model_card, print_merge
 from perft_cli.merge_verification import RTOL, SAMPLE_PROMPTS, SAMPLE_TOKENS, _verify, sample_logits
+from perft_cli.outputs import check_output_parent
 
 __all__ = [
     "MERGE_FILE",
@@ -48,8 +50,6 @@ __all__ = [
     "run_merge",
     "sample_logits",
 ]
-
-MERGE_FILE = "perft-merge.json"
 
 
 def load_merged(path: str | Path) -> tuple[Any, Any]:
@@ -82,6 +82,17 @@ def _check_out(out: Path, ckpt: Path, force: bool) -> None:
         raise PerftError(f"--out {str(out)!r} is a file; pass a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise PerftError(f"--out {str(out)!r} is not empty; pass --force to replace it")
+    # Before the model loads: a parent that is a file (afile.txt/sub) or a folder that cannot be written in.
+    check_output_parent(out, "--out", "choose another directory")
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def _run_dir(ckpt_arg: Path, ckpt: Path) -> Path:
@@ -98,8 +109,9 @@ def run_merge(ckpt: Path, out: Path, force: bool = False) -> dict[str, Any]:
     from perft_cli.console import info
     from perft_cli.modeling import load_model, load_tokenizer
 
+    check_ckpt_arg(ckpt, "merge")  # a file, an earlier merge's output: say so (not "has the run saved yet?")
     path = resolve_checkpoint(ckpt)
-    out = Path(out)
+    out = Path(out).expanduser()
     _check_out(out, path, force)
     recipe = load_checkpoint_recipe(path)
     variant, dtype = recipe.adapter.variant, recipe.model.dtype
@@ -121,7 +133,12 @@ def run_merge(ckpt: Path, out: Path, force: bool = False) -> dict[str, Any]:
 
     tmp = out.parent / f".{out.name}.merging-{os.getpid()}"  # not ".tmp*": is_checkpoint must accept it
     shutil.rmtree(tmp, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created = _missing_folders(out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PerftError(f"cannot create the folder {str(out.parent)!r}: {e.strerror}; choose another --out") from None
+    done = False
     try:
         action, in_memory, fold_error = _fold_or_export(model, tokenizer, recipe, tmp)
         tokenizer.save_pretrained(tmp)
@@ -158,8 +175,12 @@ def run_merge(ckpt: Path, out: Path, force: bool = False) -> dict[str, Any]:
         if out.exists():
             shutil.rmtree(out)  # empty, or --force
         os.replace(tmp, out)
+        done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created if not done else ():  # the parents made for --out, if nothing else went there
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     print_merge(result)
     return result
 

@@ -15,9 +15,27 @@ def require_matplotlib() -> None:
         raise PerftError("--png needs matplotlib: pip install 'perft-cli[plot]'") from None
 
 
-def render_png(report: dict, path: Path) -> None:
-    """Heat maps before / after (and the PERFT router), one under the other, plus entropy per layer."""
+def png_format(path: Path) -> str:
+    """The image format ``--png PATH`` asks for (its suffix; png without one), checked before any work is done."""
     require_matplotlib()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt = Path(path).suffix.removeprefix(".").lower() or "png"
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        raise PerftError(
+            f"--png {str(path)!r}: matplotlib cannot write .{fmt} files; end the name in .png "
+            f"(or one of {', '.join('.' + k for k in sorted(supported))})"
+        )
+    return fmt
+
+
+def render_png(report: dict, path: Path, fmt: str | None = None) -> None:
+    """Heat maps before / after (and the PERFT router), one under the other, plus entropy per layer.
+
+    ``fmt``: the image format (default: from the suffix of ``path``, png without one).
+    """
+    fmt = fmt or png_format(path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,5 +74,7 @@ def render_png(report: dict, path: Path) -> None:
     ax.legend(loc="lower left")
     fig.suptitle(f"{report['model']} ({report['variant']}): routing of {report['tokens']:,} tokens", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110, format=fmt)
+    finally:
+        plt.close(fig)

@@ -8,13 +8,14 @@ all on the one colour scale of ``routing_style``; this module is the entry point
 from __future__ import annotations
 
 from perft_cli.routing_html import render_html
-from perft_cli.routing_plot import render_png, require_matplotlib
+from perft_cli.routing_plot import png_format, render_png, require_matplotlib
 from perft_cli.routing_terminal import FULL_HISTOGRAMS, MAX_ALARM_HISTOGRAMS, MAX_ALARM_LINES, print_report
 
 __all__ = [
     "FULL_HISTOGRAMS",
     "MAX_ALARM_HISTOGRAMS",
     "MAX_ALARM_LINES",
+    "png_format",
     "print_report",
     "render_html",
     "render_png",

@@ -175,9 +175,21 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def resolve_tasks(names: list[str], data_dir: str | Path | None) -> list[tuple[Task, Path | None]]:
-    """Registry tasks by name or alias, or custom tasks found as ``<data_dir>/<name>/test.json``; duplicates go."""
+def resolve_tasks(
+    names: list[str], data_dir: str | Path | None, option: str = "--data-dir"
+) -> list[tuple[Task, Path | None]]:
+    """Registry tasks by name or alias, or custom tasks found as ``<data_dir>/<name>/test.json``; duplicates go.
+
+    ``option`` names where ``data_dir`` came from (``--data-dir`` or ``eval.data_dir``) in the error when the folder
+    does not exist: a mistyped folder is then said to be missing, not every task in it unknown.
+    """
     root = Path(data_dir).expanduser() if data_dir else None
+    if root is not None and not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataError(
+            f"{option} {str(data_dir)!r} {what}; pass the folder that holds the <task>/test.json files "
+            "(--data-dir DIR, e.g. LLM-Adapters/dataset)"
+        )
     found: dict[str, tuple[Task, Path | None]] = {}
     for name in names:
         task = known_task(name)
@@ -195,7 +207,8 @@ def load_records(task: Task, folder: Path | None, data_dir: str | Path | None) -
 
     Without a ``test.json`` (``folder`` None), a registry task's hub dataset is converted to the same records and
     cached (``hub_tasks.hub_test_file``); the returned path is then the cached file. A custom task needs its file.
-    Every problem is a one-line DataError naming the file (and record number and field for broken records).
+    Every problem is a one-line DataError naming the file (and, for broken records, the record number, 1 for the
+    first, and the field).
     """
     if folder is None:
         where = f"{Path(data_dir) / task.name / 'test.json'}" if data_dir else "no --data-dir / eval.data_dir given"
@@ -214,7 +227,7 @@ def load_records(task: Task, folder: Path | None, data_dir: str | Path | None) -
         raise DataError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     if not isinstance(records, list) or not records:
         raise DataError(f"{path}: expected a non-empty JSON list of records with 'instruction' and 'answer'")
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(records, start=1):  # numbered from 1, as training's data.check_record does
         if not isinstance(rec, dict):
             raise DataError(f"{path}: record {i} is a {type(rec).__name__}, not an object")
         for field in ("instruction", "answer"):
@@ -227,7 +240,7 @@ def load_records(task: Task, folder: Path | None, data_dir: str | Path | None) -
     if task.custom:
         task = infer_task(task.name, answers, str(path))
     elif task.kind == ARITHMETIC and not task.letters:
-        for i, a in enumerate(answers):
+        for i, a in enumerate(answers, start=1):
             if not _is_number(a):
                 raise DataError(f"{path}: record {i}: field 'answer' is not a number ({a!r})")
     rows = [

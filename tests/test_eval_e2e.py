@@ -127,7 +127,7 @@ def test_eval_base_from_recipe_without_checkpoint(setup, tmp_path):
     [
         (["--tasks", "mmlu"], "unknown task 'mmlu'; known tasks: boolq, piqa, social_i_qa"),
         (["--tasks", "boolq"], "git clone https://github.com/AGI-Edgerunners/LLM-Adapters"),
-        (["--tasks", "broken"], "record 1: missing or non-text field 'answer'"),
+        (["--tasks", "broken"], "record 2: missing or non-text field 'answer'"),  # the second record
         (["--tasks", "demo_math", "--mode", "lm-eval"], "pip install 'perft-cli[lm-eval]'"),
         (["--tasks", "demo_math", "--mode", "fast"], "--mode 'fast'"),
     ],
@@ -147,3 +147,93 @@ def test_eval_user_errors_are_one_line(setup, tmp_path, monkeypatch, args, messa
 def test_eval_needs_checkpoint_or_base_recipe():
     r = _invoke(["--tasks", "boolq"])
     assert r.exit_code == 1 and "pass --ckpt DIR" in r.stderr
+
+
+def _no_model(monkeypatch):
+    """Loading the model now fails the test: the error must come before the (slow) model load."""
+    import perft_cli.checkpoint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr(perft_cli.checkpoint, "load_trained", refuse)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--json", "{tmp}/adir"], "--json '{tmp}/adir' is a folder; it names the file to write: choose another path"),
+        (["--json", "{tmp}/afile.txt/res.json"], "--json '{tmp}/afile.txt/res.json' cannot be created: '{tmp}/afile"),
+        (["--json", "{tmp}/out/r.json"], "the per-example file '{tmp}/out/r.examples.jsonl' is a folder"),
+        (["--data-dir", "{tmp}/nodatadir"], "--data-dir '{tmp}/nodatadir' does not exist; pass the folder that holds"),
+    ],
+)
+def test_eval_bad_output_path_or_data_dir_fails_before_loading(setup, tmp_path, monkeypatch, args, message):
+    root, _, data = setup
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile.txt").write_text("hi")
+    (tmp_path / "out" / "r.examples.jsonl").mkdir(parents=True)
+    before = sorted(tmp_path.rglob("*"))
+    _no_model(monkeypatch)
+    r = _invoke(
+        ["--ckpt", str(root / "run"), "--tasks", "demo_choice", "--data-dir", str(data)]
+        + [a.format(tmp=tmp_path) for a in args]  # a second --data-dir replaces the first
+    )
+    assert r.exit_code == 1, r.output
+    assert message.format(tmp=tmp_path) in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert sorted(tmp_path.rglob("*")) == before  # no orphan .examples.jsonl, no folder made
+
+
+def test_eval_ctrl_c_leaves_nothing_and_says_so(setup, tmp_path, monkeypatch):
+    """Ctrl-C in the second task: exit 130, one line, and neither the JSON nor the first task's examples exist."""
+    from perft_cli import evaluate
+
+    root, _, data = setup
+    real = evaluate._with_progress
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "_with_progress", interrupted)
+    out = tmp_path / "new" / "res.json"
+    args = ["--ckpt", str(root / "run"), "--tasks", "demo_choice,demo_math", "--data-dir", str(data), "--limit", "2"]
+    r = _invoke([*args, "--json", str(out), *FAST])
+    assert r.exit_code == 130 and len(calls) == 2
+    assert r.stderr.count("interrupted") == 1 and "Traceback" not in r.stderr
+    assert f"nothing was written to {out} or {out.with_name('res.examples.jsonl')}" in r.stderr
+    assert list(tmp_path.iterdir()) == []  # no results, no examples, no temporary file, not even the new folder
+
+
+def test_eval_keeps_an_earlier_result_when_interrupted(setup, tmp_path, monkeypatch):
+    from perft_cli import evaluate
+
+    root, _, data = setup
+    out = tmp_path / "res.json"
+    args = ["--ckpt", str(root / "run"), "--tasks", "demo_math", "--data-dir", str(data), "--limit", "1"]
+    assert _invoke([*args, "--json", str(out), *FAST]).exit_code == 0
+    first = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    assert sorted(first) == ["res.examples.jsonl", "res.json"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "_with_progress", interrupted)
+    assert _invoke([*args, "--json", str(out), *FAST]).exit_code == 130
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == first
+
+
+def test_eval_ckpt_that_is_a_file_or_a_model_folder(setup, tmp_path, monkeypatch):
+    _, model_dir, _ = setup
+    _no_model(monkeypatch)
+    (tmp_path / "afile.txt").write_text("hi")
+    r = _invoke(["--ckpt", str(tmp_path / "afile.txt")])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1
+    assert "is a file; pass a run directory" in r.stderr and "has the run saved yet" not in r.stderr
+    r = _invoke(["--ckpt", str(model_dir)])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "has the run saved yet" not in r.stderr
+    assert "is a model folder" in r.stderr
+    assert f"perft eval --base --recipe R.yaml --set model.name_or_path={model_dir}" in r.stderr

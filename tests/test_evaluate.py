@@ -243,10 +243,12 @@ def test_missing_file_says_where_and_how(tmp_path):
 @pytest.mark.parametrize(
     "records,match",
     [
-        ([{"instruction": "q", "answer": "1"}, {"instruction": "q"}], r"test.json: record 1: .*field 'answer'"),
-        ([{"answer": "1"}], r"test.json: record 0: .*field 'instruction'"),
-        ([{"instruction": "q", "answer": "1"}, {"instruction": None, "answer": "2"}], r"record 1: .*'instruction'"),
-        ([{"instruction": "q", "answer": "1"}, "text"], r"record 1 is a str"),
+        # Numbered from 1, as training's data.check_record numbers them: "record 1" is the first record.
+        ([{"instruction": "q", "answer": "1"}, {"instruction": "q"}], r"test.json: record 2: .*field 'answer'"),
+        ([{"answer": "1"}], r"test.json: record 1: .*field 'instruction'"),
+        ([{"instruction": "q", "answer": "1"}, {"instruction": None, "answer": "2"}], r"record 2: .*'instruction'"),
+        ([{"instruction": "q", "answer": "1"}, "text"], r"record 2 is a str"),
+        ([{"instruction": "q", "answer": "1", "input": 3}], r"record 1: field 'input' must be text"),
         ({"instruction": "q"}, r"expected a non-empty JSON list"),
     ],
 )
@@ -258,8 +260,65 @@ def test_broken_records(tmp_path, records, match):
 
 def test_non_numeric_gold_for_arithmetic(tmp_path):
     _write(tmp_path, "gsm8k", [{"instruction": "q", "answer": "12"}, {"instruction": "q", "answer": "twelve"}])
-    with pytest.raises(DataError, match=r"record 1: field 'answer' is not a number \('twelve'\)"):
+    with pytest.raises(DataError, match=r"record 2: field 'answer' is not a number \('twelve'\)"):
         _load(tmp_path, "gsm8k")
+
+
+def test_missing_data_dir_is_named_not_every_task_unknown(tmp_path):
+    """A mistyped --data-dir is a missing folder, not an unknown task 'demo_choice' (nor a hub download)."""
+    for names in (["demo_choice"], ["boolq"]):
+        with pytest.raises(DataError) as e:
+            resolve_tasks(names, tmp_path / "nodatadir")
+        msg = str(e.value)
+        assert f"--data-dir {str(tmp_path / 'nodatadir')!r} does not exist" in msg and "unknown task" not in msg
+        assert "<task>/test.json" in msg and "\n" not in msg
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match=r"eval.data_dir '.*afile' is a file, not a folder"):
+        resolve_tasks(["boolq"], tmp_path / "afile", "eval.data_dir")
+
+
+# --- output files: checked before the work, written whole or not at all ------------------------------------------
+
+
+def test_output_paths_are_checked_in_one_line(tmp_path, monkeypatch):
+    import os
+
+    from perft_cli.outputs import check_output_file
+
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile.txt").write_text("hi")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked and access(p, mode, **kw))
+    cases = [
+        (tmp_path / "adir", "--json '.*adir' is a folder; it names the file to write: FIX"),
+        (tmp_path / "afile.txt" / "res.json", r"cannot be created: '.*afile.txt' is a file, not a folder; FIX"),
+        (tmp_path / "afile.txt" / "deeper" / "res.json", r"'.*afile.txt' is a file, not a folder"),
+        (locked / "new" / "res.json", r"cannot be written: no permission to write in '.*locked'; FIX"),
+    ]
+    for path, match in cases:
+        with pytest.raises(PerftError, match=match) as e:
+            check_output_file(path, "--json", "FIX")
+        assert "\n" not in str(e.value)
+    check_output_file(tmp_path / "new" / "folders" / "res.json", "--json", "FIX")  # folders are made when writing
+    check_output_file(tmp_path / "afile.txt", "--json", "FIX")  # an existing file is replaced
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_atomic_file_leaves_nothing_on_failure(tmp_path, error):
+    from perft_cli.outputs import atomic_file
+
+    (tmp_path / "old.json").write_text("before")
+    for target in (tmp_path / "new" / "deeper" / "res.json", tmp_path / "old.json"):
+        with pytest.raises(error), atomic_file(target) as tmp:
+            tmp.write_text("half")
+            raise error()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]  # no temporary file, no new folders
+    assert (tmp_path / "old.json").read_text() == "before"
+    with atomic_file(tmp_path / "new" / "res.json") as tmp:
+        tmp.write_text("whole")
+    assert (tmp_path / "new" / "res.json").read_text() == "whole" and len(list((tmp_path / "new").iterdir())) == 1
 
 
 def test_invalid_json(tmp_path):

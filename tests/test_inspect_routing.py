@@ -128,6 +128,88 @@ def test_missing_data_is_one_line_error(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(app, ["inspect-routing", "--ckpt", str(ckpt)])
     assert result.exit_code == 1
     assert "data.train" in result.output and "Traceback" not in result.output
+    assert "pass the examples to route with --data FILE" in result.output  # there is no --set to change data.train
+
+
+def _no_model(monkeypatch):
+    """Loading the model now fails the test: the error must come before the (slow) model load."""
+    import perft_cli.checkpoint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr(perft_cli.checkpoint, "load_trained", refuse)
+
+
+@pytest.mark.parametrize("where", ["--data", "data.train"])
+def test_missing_data_file_advice_is_data_option(where, tiny_model_dir, tmp_path, monkeypatch):
+    """The fix is --data FILE, never "check data.train" (inspect-routing has no --set); said before the model loads."""
+    missing = tmp_path / "nope.json"
+    ckpt = checkpoint(tmp_path / "ckpt", tiny_model_dir("olmoe"), "perft-r", train=str(missing))
+    _no_model(monkeypatch)
+    args = ["inspect-routing", "--ckpt", str(ckpt)] + (["--data", str(missing)] if where == "--data" else [])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "Traceback" not in result.output
+    assert "check data.train" not in result.output and "--data" in result.output
+    if where == "--data":
+        assert f"--data {str(missing)!r} not found; pass a JSON or JSONL file" in result.output
+    else:
+        assert f"the run's training data {str(missing)!r} (data.train in {ckpt / 'recipe.yaml'}) not found" in (
+            result.output
+        )
+
+
+@pytest.mark.parametrize(
+    "outputs,message",
+    [
+        (["--json", "{tmp}/adir"], "--json '{tmp}/adir' is a folder; it names the file to write"),
+        (["--json", "{tmp}/new/r.json", "--html", "{tmp}/afile.txt/r.html"], "--html '{tmp}/afile.txt/r.html' cannot"),
+        (["--png", "{tmp}/afile.txt/sub/r.png"], "'{tmp}/afile.txt' is a file, not a folder; choose another path"),
+        (["--png", "{tmp}/r.xyz"], "--png '{tmp}/r.xyz': matplotlib cannot write .xyz files; end the name in .png"),
+        (["--json", "{tmp}/r.out", "--html", "{tmp}/r.out"], "--json and --html name the same file"),
+    ],
+)
+def test_bad_output_paths_fail_before_the_model_loads(outputs, message, tmp_path, monkeypatch):
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile.txt").write_text("hi")
+    before = sorted(tmp_path.rglob("*"))
+    _no_model(monkeypatch)
+    args = ["inspect-routing", "--ckpt", str(tmp_path), *(a.format(tmp=tmp_path) for a in outputs)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "Traceback" not in result.output
+    assert message.format(tmp=tmp_path) in result.output
+    assert sorted(tmp_path.rglob("*")) == before  # in particular, --json is not written when --html cannot be
+
+
+def test_outputs_are_written_all_or_none(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """A rendering that fails after the routing pass leaves none of the files (nor their temporary files)."""
+    from perft_cli import routing_report
+
+    ckpt = checkpoint(tmp_path / "ckpt", tiny_model_dir("olmoe"), "perft-s")
+
+    def broken(*args, **kwargs):
+        raise PerftError("the figure could not be drawn")
+
+    monkeypatch.setattr(routing_report, "render_png", broken)
+    out = tmp_path / "out"
+    files = ["--json", str(out / "r.json"), "--html", str(out / "r.html"), "--png", str(out / "r.png")]
+    args = ["inspect-routing", "--ckpt", str(ckpt), "--data", str(data_file), "--limit", "1", *files]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "the figure could not be drawn" in result.output
+    assert not out.exists()
+
+
+def test_merged_lora_output_is_not_a_checkpoint(tmp_path, monkeypatch):
+    """A `perft merge` LoRA output has no adapters to compare: say so and name its run, not "has the run saved"."""
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "perft-merge.json").write_text(json.dumps({"variant": "lora", "folded": True, "checkpoint": "runs/x"}))
+    _no_model(monkeypatch)
+    result = CliRunner().invoke(app, ["inspect-routing", "--ckpt", str(out)])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "is a merged LoRA model written by perft merge" in result.output and "'runs/x'" in result.output
+    assert "has the run saved yet" not in result.output
 
 
 @pytest.fixture(scope="module")

@@ -132,8 +132,8 @@ def test_wrong_merge_fails_and_leaves_nothing(tiny_model_dir, tmp_path, monkeypa
 
     monkeypatch.setattr(merge, "fold_lora", unwrap_only)
     with pytest.raises(PerftError, match="merge verification failed"):
-        run_merge(ckpt, tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no output, no temporary directory
+        run_merge(ckpt, tmp_path / "new" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no output, no temporary or parent directory
 
 
 def test_cli_refuses_non_empty_out(tiny_model_dir, tmp_path):
@@ -150,3 +150,64 @@ def test_cli_refuses_non_empty_out(tiny_model_dir, tmp_path):
     assert done.exit_code == 0, done.output
     assert "cannot be folded" in done.output and "verified" in done.output
     assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "out,message",
+    [
+        ("afile.txt/sub", "--out '{tmp}/afile.txt/sub' cannot be created: '{tmp}/afile.txt' is a file, not a folder"),
+        ("afile.txt/a/b", "'{tmp}/afile.txt' is a file, not a folder; choose another directory"),
+        ("afile.txt", "--out '{tmp}/afile.txt' is a file; pass a directory"),
+    ],
+)
+def test_cli_out_below_a_file_fails_before_loading(out, message, tmp_path, monkeypatch):
+    import perft_cli.modeling
+
+    (tmp_path / "ckpt").mkdir()
+    for name in ("adapter.safetensors", "recipe.yaml"):  # resolve_checkpoint accepts it; nothing else reads it
+        (tmp_path / "ckpt" / name).write_text("")
+    (tmp_path / "afile.txt").write_text("hi")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr(perft_cli.modeling, "load_model", refuse)
+    result = CliRunner().invoke(app, ["merge", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / out)])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "Traceback" not in result.output
+    assert message.format(tmp=tmp_path) in result.output
+    assert (tmp_path / "afile.txt").read_text() == "hi"
+
+
+def test_merged_lora_output_passed_as_ckpt(tiny_model_dir, tmp_path):
+    """eval, inspect-routing and merge say what a LoRA merge output is, and eval's advice runs as written."""
+    import shlex
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", tiny_model_dir("olmoe"), "lora")
+    set_recipe(ckpt, "data", cutoff_len=32)
+    run_merge(ckpt, tmp_path / "out")
+    runner = CliRunner()
+    said = {}
+    for command in ("eval", "inspect-routing", "merge"):
+        args = [command, "--ckpt", str(tmp_path / "out")] + (
+            ["--out", str(tmp_path / "x")] if command == "merge" else []
+        )
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and result.output.count("\n") == 1 and "Traceback" not in result.output
+        assert f"--ckpt {str(tmp_path / 'out')!r} is a merged LoRA model written by perft merge" in result.output
+        assert "has the run saved yet" not in result.output
+        said[command] = result.output
+    assert f"pass the run it was merged from (its perft-merge.json names {str(ckpt)!r})" in said["inspect-routing"]
+    assert "nothing left to merge" in said["merge"] and "AutoModelForCausalLM.from_pretrained" in said["merge"]
+    advice = said["eval"].split("evaluate it as a base model: ")[1].strip()
+    assert advice == (
+        f"perft eval --base --recipe {ckpt / 'recipe.yaml'} --set model.name_or_path={(tmp_path / 'out').resolve()}"
+    )
+    data = tmp_path / "data" / "demo_math"
+    data.mkdir(parents=True)
+    (data / "test.json").write_text(json.dumps([{"instruction": "What is 1 + 2?", "input": "", "answer": "3"}]))
+    more = ["--tasks", "demo_math", "--data-dir", str(data.parent), "--json", str(tmp_path / "res.json")]
+    more += ["--set", "eval.max_new_tokens=2"]
+    evaluated = runner.invoke(app, [*shlex.split(advice)[1:], *more])
+    assert evaluated.exit_code == 0, evaluated.output
+    result = json.loads((tmp_path / "res.json").read_text())
+    assert result["model"] == str((tmp_path / "out").resolve()) and result["adapted"] is False

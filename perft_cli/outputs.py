@@ -1,0 +1,67 @@
+"""Output files written whole or not at all, and output paths checked before the slow work that fills them.
+
+Used by ``perft eval``, ``perft inspect-routing`` and ``perft merge``: a bad ``--json`` / ``--html`` / ``--out``
+fails in one line before any model loads, and an error or Ctrl-C never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from perft_cli.errors import PerftError
+
+
+def check_output_parent(path: Path, what: str, fix: str) -> None:
+    """Fail in one line now, not after the slow work, when no file or folder can be created at ``path``.
+
+    The nearest existing folder above ``path`` must be a folder (not a file, as in ``afile.txt/res.json``) that this
+    process may write in. ``what`` names the path in the message (``--json``), ``fix`` says what to do.
+    """
+    parent = Path(path).parent
+    while not parent.exists() and parent != parent.parent:  # exists() is False below a file too
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PerftError(f"{what} {str(path)!r} cannot be created: {str(parent)!r} is a file, not a folder; {fix}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PerftError(f"{what} {str(path)!r} cannot be written: no permission to write in {str(parent)!r}; {fix}")
+
+
+def check_output_file(path: Path, what: str, fix: str) -> None:
+    """``check_output_parent``, and ``path`` itself must not be a folder (a file there is replaced)."""
+    if Path(path).is_dir():
+        raise PerftError(f"{what} {str(path)!r} is a folder; it names the file to write: {fix}")
+    check_output_parent(path, what, fix)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path``, renamed to ``path`` when the block ends normally and removed otherwise
+    (an error or Ctrl-C): ``path`` is either written complete or left as it was. Missing folders are created.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    created, folder = [], path.parent  # the folders this creates, deepest first: removed again on failure
+    while not folder.exists() and folder != folder.parent:
+        created.append(folder)
+        folder = folder.parent
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PerftError(f"cannot create the folder {str(path.parent)!r}: {e.strerror}") from None
+    done = False
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise PerftError(f"cannot write {str(path)!r}: {e.strerror}") from None
+        done = True
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        for d in created if not done else ():
+            with contextlib.suppress(OSError):  # only empty folders go (another file written there stays)
+                d.rmdir()
