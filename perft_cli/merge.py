@@ -22,7 +22,6 @@ This module holds the command (``run_merge``), the atomic write of ``--out`` and
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
@@ -36,7 +35,7 @@ from perft_cli.errors import CheckpointError, PerftError
 from perft_cli.lora_fold import fold_lora  # looked up here by _fold_or_export: tests patch merge.fold_lora
 from perft_cli.merge_report import MERGE_FILE, check_ckpt_arg, model_card, print_merge
 from perft_cli.merge_verification import RTOL, SAMPLE_PROMPTS, SAMPLE_TOKENS, _verify, sample_logits
-from perft_cli.outputs import check_output_parent
+from perft_cli.outputs import check_output_parent, create_parents, remove_empty
 
 __all__ = [
     "MERGE_FILE",
@@ -86,15 +85,6 @@ def _check_out(out: Path, ckpt: Path, force: bool) -> None:
     check_output_parent(out, "--out", "choose another directory")
 
 
-def _missing_folders(folder: Path) -> list[Path]:
-    """``folder`` and its ancestors that do not exist yet, deepest first."""
-    missing = []
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    return missing
-
-
 def _run_dir(ckpt_arg: Path, ckpt: Path) -> Path:
     """The run directory a checkpoint belongs to (RUN/checkpoints/step-N), else the checkpoint itself."""
     if ckpt.parent.name == "checkpoints":
@@ -133,11 +123,7 @@ def run_merge(ckpt: Path, out: Path, force: bool = False) -> dict[str, Any]:
 
     tmp = out.parent / f".{out.name}.merging-{os.getpid()}"  # not ".tmp*": is_checkpoint must accept it
     shutil.rmtree(tmp, ignore_errors=True)
-    created = _missing_folders(out.parent)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PerftError(f"cannot create the folder {str(out.parent)!r}: {e.strerror}; choose another --out") from None
+    created = create_parents(out, "choose another --out")
     done = False
     try:
         action, in_memory, fold_error = _fold_or_export(model, tokenizer, recipe, tmp)
@@ -178,9 +164,8 @@ def run_merge(ckpt: Path, out: Path, force: bool = False) -> dict[str, Any]:
         done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created if not done else ():  # the parents made for --out, if nothing else went there
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        if not done:
+            remove_empty(created)  # the parents made for --out, if nothing else went there
     print_merge(result)
     return result
 

@@ -43,14 +43,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    created, folder = [], path.parent  # the folders this creates, deepest first: removed again on failure
-    while not folder.exists() and folder != folder.parent:
-        created.append(folder)
-        folder = folder.parent
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PerftError(f"cannot create the folder {str(path.parent)!r}: {e.strerror}") from None
+    created = create_parents(path)
     done = False
     try:
         yield tmp
@@ -62,6 +55,26 @@ def atomic_file(path: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        for d in created if not done else ():
-            with contextlib.suppress(OSError):  # only empty folders go (another file written there stays)
-                d.rmdir()
+        if not done:
+            remove_empty(created)
+
+
+def create_parents(path: Path, fix: str = "") -> list[Path]:
+    """Create the missing folders above ``path``; returns them, deepest first, for ``remove_empty`` on failure."""
+    created, folder = [], Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        created.append(folder)
+        folder = folder.parent
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        hint = f"; {fix}" if fix else ""
+        raise PerftError(f"cannot create the folder {str(Path(path).parent)!r}: {e.strerror}{hint}") from None
+    return created
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove the folders ``create_parents`` made, deepest first, where nothing else was written meanwhile."""
+    for d in folders:
+        with contextlib.suppress(OSError):
+            d.rmdir()
