@@ -78,6 +78,15 @@ class DataConfig(_Section):
     val_size: int = Field(120, ge=0, description="Examples held out for the eval loss (fixed seed).")
     val_seed: int = Field(42, description="Seed of the held-out split.")
     train_on_inputs: bool = Field(True, description="Loss on the whole sequence (reference) or the response only.")
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> DataConfig:
+        names = ("instruction", "input", "output", "answer")
+        for key in self.fields or {}:
+            if key not in names:  # a misspelled name would silently leave the default column in use
+                raise ValueError(f"data.fields has no key {key!r}{_suggest(key, names)}; its keys are {list(names)}")
+        return self
+
     add_eos: bool = Field(True, description="Append EOS when it fits in cutoff_len.")
     group_by_length: bool = Field(False, description="Batch examples of similar length together.")
 
@@ -279,13 +288,29 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe", base: Path | No
     )
 
 
+class _NoDuplicateKeys(yaml.SafeLoader):
+    """safe_load that refuses a key written twice in one mapping (plain YAML keeps the last one without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is written twice in one mapping", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override, validate and resolve a recipe file. Every problem is a one-line RecipeError."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} not found; pass the path of a YAML recipe (see recipes/)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_NoDuplicateKeys)  # a SafeLoader subclass: safe_load + no dup keys
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -61,6 +61,9 @@ def _write(tmp_path, text: str) -> Path:
         ("model: [unclosed\n", [], "not valid YAML at line"),
         ("- a\n- b\n", [], "must be a YAML mapping"),
         ("adapter: {rank: 4}\n", [], "missing section 'model'"),
+        # a key written twice (plain YAML keeps the last), a misspelled data.fields name (ignored before)
+        ("model: {name_or_path: x}\nadapter:\n  rank: 4\n  rank: 8\n", [], "the key 'rank' is written twice"),
+        ("model: {name_or_path: x}\ndata: {fields: {instrution: q}}\n", [], "did you mean 'instruction'?"),
         # keys that YAML does not read as names
         ("1: x\nmodel: {name_or_path: x}\n", [], "unknown key 1 (not a name); sections are"),
         ("model: {name_or_path: x}\nnull: 3\n", [], "unknown key null (not a name)"),
