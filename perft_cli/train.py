@@ -83,6 +83,7 @@ def run_train(recipe: Recipe, *, resume: str | None = None, dry_run: bool = Fals
         check_quantized(model, recipe)
         run = setup_training(recipe, run_dir, accelerator, model, family, attached, tokenizer, train_set, val_set)
         commit_run_dir(run_dir, recipe, resume_from)
+        check_eval_tasks(recipe)
     except BaseException:
         if new_dir and is_main_process():
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -125,6 +126,19 @@ def run_train(recipe: Recipe, *, resume: str | None = None, dry_run: bool = Fals
     summary = finish(run, pos, status, timer.total(), train_seconds, session_tokens)
     teardown(accelerator, clean=True)
     return summary
+
+
+def check_eval_tasks(recipe: Recipe) -> None:
+    """A warning now, not an error after hours of training, when ``perft eval`` would refuse the recipe's tasks."""
+    from perft_cli.errors import PerftError
+    from perft_cli.tasks import resolve_tasks
+
+    if not recipe.eval.tasks:
+        return
+    try:
+        resolve_tasks(recipe.eval.tasks, recipe.eval.data_dir, "eval.data_dir")
+    except PerftError as e:
+        caution(f"eval.tasks: {e} (training goes on; fix it before perft eval)")
 
 
 def log_step(run, pos, stats, seconds, metrics: MetricsLog, progress: TrainProgress, watch: CollapseWatch) -> None:

@@ -141,3 +141,14 @@ def test_checkpoint_whose_base_model_moved_names_the_recipe_to_edit(trained_run,
     with pytest.raises(CheckpointError) as e:
         load_trained(ckpt)
     assert "does not exist any more" in _one_line(e) and str(ckpt / RECIPE_FILE) in str(e.value)
+
+
+def test_unknown_eval_task_is_flagged_when_training_starts(tmp_path, tiny_model_dir, capsys):
+    from test_train import make_recipe
+
+    recipe = load_recipe(
+        make_recipe(tmp_path, tiny_model_dir("olmoe"), train={"max_steps": 1}, eval={"tasks": ["boolq", "bogus_task"]})
+    )
+    run_train(recipe)
+    err = capsys.readouterr().err
+    assert "eval.tasks: unknown task 'bogus_task'" in " ".join(err.split())
