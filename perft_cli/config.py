@@ -304,6 +304,30 @@ class _NoDuplicateKeys(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# Keys that only some variants (or settings) read: (section, key, who reads it, does this recipe read it?).
+_SCOPED = (
+    ("adapter", "num_experts", "perft-r and perft-d", lambda r: r.adapter.variant in ("perft-r", "perft-d")),
+    ("adapter", "top_k", "perft-r", lambda r: r.adapter.variant == "perft-r"),
+    ("adapter", "router_aux_loss_coef", "perft-r", lambda r: r.adapter.variant == "perft-r"),
+    ("adapter", "renormalize", "perft-r", lambda r: r.adapter.variant == "perft-r"),
+    ("adapter", "scale_by_base_router", "perft-r", lambda r: r.adapter.variant == "perft-r"),
+    ("adapter", "expert", "the PERFT variants", lambda r: r.adapter.variant != "lora"),
+    ("adapter", "impl", "the PERFT variants", lambda r: r.adapter.variant != "lora"),
+    ("adapter", "target_modules", "the lora variant", lambda r: r.adapter.variant == "lora"),
+    ("model", "double_quant", "quantization: nf4", lambda r: r.model.quantization == "nf4"),
+)
+
+
+def ignored_keys(recipe: Recipe) -> list[str]:
+    """Keys set to a non-default value that this recipe's variant or settings never read, each with who reads it."""
+    found = []
+    for section, key, reader, reads in _SCOPED:
+        cfg = getattr(recipe, section)
+        if getattr(cfg, key) != type(cfg).model_fields[key].default and not reads(recipe):
+            found.append(f"{section}.{key} (only {reader} read it)")
+    return found
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override, validate and resolve a recipe file. Every problem is a one-line RecipeError."""
     path = Path(path)

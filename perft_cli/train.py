@@ -129,10 +129,15 @@ def run_train(recipe: Recipe, *, resume: str | None = None, dry_run: bool = Fals
 
 
 def check_eval_tasks(recipe: Recipe) -> None:
-    """A warning now, not an error after hours of training, when ``perft eval`` would refuse the recipe's tasks."""
+    """Warnings now, not surprises after hours of training: recipe keys this variant never reads, and eval.tasks
+    that ``perft eval`` would refuse."""
+    from perft_cli.config import ignored_keys
     from perft_cli.errors import PerftError
     from perft_cli.tasks import resolve_tasks
 
+    unused = ignored_keys(recipe)
+    if unused:
+        caution(f"set but not used by adapter.variant={recipe.adapter.variant}: {', '.join(unused)}")
     if not recipe.eval.tasks:
         return
     try:

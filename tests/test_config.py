@@ -152,3 +152,16 @@ def test_set_still_parses_other_keys_as_yaml(tmp_path):
     )
     assert r.data.fields == {"instruction": "question"} and r.train.max_steps is None
     assert r.model.double_quant is True and r.train.lr == 2e-5
+
+
+def test_keys_the_variant_never_reads_are_listed():
+    from perft_cli.config import ignored_keys, recipe_from_dict
+
+    base = {"model": {"name_or_path": "x"}, "output_dir": "o"}
+    r = recipe_from_dict({**base, "adapter": {"variant": "perft-r", "target_modules": ["q_proj"], "top_k": 3}})
+    assert ignored_keys(r) == ["adapter.target_modules (only the lora variant read it)"]
+    e = recipe_from_dict({**base, "adapter": {"variant": "perft-e", "top_k": 3, "expert": "parallel"}})
+    assert ignored_keys(e) == ["adapter.top_k (only perft-r read it)"]
+    q = recipe_from_dict({**base, "model": {"name_or_path": "x", "double_quant": True}})
+    assert ignored_keys(q) == ["model.double_quant (only quantization: nf4 read it)"]
+    assert ignored_keys(recipe_from_dict(base)) == []

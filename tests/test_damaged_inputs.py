@@ -143,12 +143,19 @@ def test_checkpoint_whose_base_model_moved_names_the_recipe_to_edit(trained_run,
     assert "does not exist any more" in _one_line(e) and str(ckpt / RECIPE_FILE) in str(e.value)
 
 
-def test_unknown_eval_task_is_flagged_when_training_starts(tmp_path, tiny_model_dir, capsys):
+def test_unknown_eval_task_and_unused_keys_are_flagged_when_training_starts(tmp_path, tiny_model_dir, capsys):
     from test_train import make_recipe
 
     recipe = load_recipe(
-        make_recipe(tmp_path, tiny_model_dir("olmoe"), train={"max_steps": 1}, eval={"tasks": ["boolq", "bogus_task"]})
+        make_recipe(
+            tmp_path,
+            tiny_model_dir("olmoe"),
+            train={"max_steps": 1},
+            eval={"tasks": ["boolq", "bogus_task"]},
+            adapter={"variant": "perft-r", "num_experts": 4, "top_k": 2, "rank": 4, "target_modules": ["q_proj"]},
+        )
     )
     run_train(recipe)
-    err = capsys.readouterr().err
-    assert "eval.tasks: unknown task 'bogus_task'" in " ".join(err.split())
+    err = " ".join(capsys.readouterr().err.split())
+    assert "eval.tasks: unknown task 'bogus_task'" in err
+    assert "set but not used by adapter.variant=perft-r: adapter.target_modules (only the lora variant" in err
