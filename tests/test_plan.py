@@ -98,3 +98,9 @@ def test_plan_unsupported_model_is_one_line(tmp_path):
     assert result.exit_code == 1
     assert "not a supported MoE family" in result.stderr and "Mixtral" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_plan_names_keys_the_variant_never_reads(tmp_path):
+    plan = run_plan(tmp_path, CONFIGS / "olmoe-1b-7b", "adapter.variant=perft-s", "adapter.num_experts=8")
+    assert plan["unused_keys"] == ["adapter.num_experts (only perft-r and perft-d read it)"]
+    assert run_plan(tmp_path, CONFIGS / "olmoe-1b-7b")["unused_keys"] == []
