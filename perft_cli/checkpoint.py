@@ -293,14 +293,22 @@ def read_training_state(ckpt: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     ckpt = Path(ckpt)
+    reading = STATE_FILE  # the file being read, for the error message
+
+    def read(name: str, loader):
+        nonlocal reading
+        reading = name
+        return loader(str(ckpt / name))
+
+    def read_json(path: str) -> Any:
+        return json.loads(Path(path).read_text())
+
     try:
         return {
-            "state": json.loads((ckpt / STATE_FILE).read_text()),
-            "optimizer": optimizer_state_dict(
-                load_file(str(ckpt / OPTIMIZER_FILE)), json.loads((ckpt / OPTIMIZER_JSON).read_text())
-            ),
-            "scheduler": json.loads((ckpt / SCHEDULER_FILE).read_text()),
-            "rng": load_file(str(ckpt / RNG_FILE)),
+            "state": read(STATE_FILE, read_json),
+            "optimizer": optimizer_state_dict(read(OPTIMIZER_FILE, load_file), read(OPTIMIZER_JSON, read_json)),
+            "scheduler": read(SCHEDULER_FILE, read_json),
+            "rng": read(RNG_FILE, load_file),
         }
     except FileNotFoundError as e:
         raise CheckpointError(
@@ -310,8 +318,8 @@ def read_training_state(ckpt: Path) -> dict[str, Any]:
     except Exception as e:  # OSError, ValueError, KeyError, safetensors' SafetensorError for a truncated file
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(
-            f"{ckpt} cannot be resumed: {type(e).__name__}: {first} (a damaged checkpoint: resume from another "
-            "with --resume CKPT_DIR)"
+            f"{ckpt} cannot be resumed: {reading}: {type(e).__name__}: {first} (a damaged checkpoint: resume from "
+            "another with --resume CKPT_DIR)"
         ) from None
 
 

@@ -101,7 +101,11 @@ def test_damaged_checkpoint_files_are_one_line(trained_run, tmp_path):
     (damaged / OPTIMIZER_FILE).write_bytes((damaged / OPTIMIZER_FILE).read_bytes()[:100])
     with pytest.raises(CheckpointError) as e:
         read_training_state(damaged)
-    assert "cannot be resumed" in _one_line(e)
+    assert "cannot be resumed: optimizer.safetensors" in _one_line(e)
+    (damaged / "trainer_state.json").write_text("{")
+    with pytest.raises(CheckpointError) as e:
+        read_training_state(damaged)
+    assert "cannot be resumed: trainer_state.json: JSONDecodeError" in _one_line(e)
     for text, match in ((b"\xff\xfe\x00bad", "damaged"), (b"model: [\n  x: 1\n", "line")):
         bad = shutil.copytree(ckpt, tmp_path / f"d{len(text)}")
         (bad / RECIPE_FILE).write_bytes(text)
