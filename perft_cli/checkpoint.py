@@ -293,23 +293,15 @@ def read_training_state(ckpt: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     ckpt = Path(ckpt)
-    reading = STATE_FILE  # the file being read, for the error message
-
-    def read(name: str, loader):
-        nonlocal reading
-        reading = name
-        return loader(str(ckpt / name))
-
-    def read_json(path: str) -> Any:
-        return json.loads(Path(path).read_text())
-
+    loaded: dict[str, Any] = {}
+    reading = ""  # the file being read, for the error message
     try:
-        return {
-            "state": read(STATE_FILE, read_json),
-            "optimizer": optimizer_state_dict(read(OPTIMIZER_FILE, load_file), read(OPTIMIZER_JSON, read_json)),
-            "scheduler": read(SCHEDULER_FILE, read_json),
-            "rng": read(RNG_FILE, load_file),
-        }
+        for reading in (STATE_FILE, OPTIMIZER_JSON, SCHEDULER_FILE):
+            loaded[reading] = json.loads((ckpt / reading).read_text())
+        for reading in (OPTIMIZER_FILE, RNG_FILE):
+            loaded[reading] = load_file(str(ckpt / reading))
+        reading = OPTIMIZER_JSON  # its param groups and scalars are matched to the tensors here
+        optimizer = optimizer_state_dict(loaded[OPTIMIZER_FILE], loaded[OPTIMIZER_JSON])
     except FileNotFoundError as e:
         raise CheckpointError(
             f"{ckpt} cannot be resumed: {Path(e.filename).name} is missing (only checkpoints written by "
@@ -321,6 +313,12 @@ def read_training_state(ckpt: Path) -> dict[str, Any]:
             f"{ckpt} cannot be resumed: {reading}: {type(e).__name__}: {first} (a damaged checkpoint: resume from "
             "another with --resume CKPT_DIR)"
         ) from None
+    return {
+        "state": loaded[STATE_FILE],
+        "optimizer": optimizer,
+        "scheduler": loaded[SCHEDULER_FILE],
+        "rng": loaded[RNG_FILE],
+    }
 
 
 def find_resume(run_dir: Path, resume: str | None) -> Path | None:

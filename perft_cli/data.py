@@ -134,8 +134,10 @@ def _read_hub(cfg: DataConfig) -> list[Any]:
     try:
         ds = datasets.load_dataset(cfg.train, split=cfg.split)
     except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
-        reason = f"the hub cannot be reached ({why}) and it is not in the datasets cache" if why else None
-        reason = reason or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if why:
+            reason = f"the hub cannot be reached ({why}) and it is not in the datasets cache"
+        else:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(
             f"cannot load hub dataset {cfg.train!r} (split {cfg.split!r}): {reason}. Without hub access, save it as "
             "JSON/JSONL elsewhere and point data.train at the file"

@@ -71,10 +71,11 @@ def _check_source(cfg: Any, data: Path | None, ckpt: Path | None) -> None:
     inspect-routing has no ``--set``: the only way to change the data is ``--data FILE``, so that is the advice
     (data.read_records would say "check data.train").
     """
+    from perft_cli.checkpoint import RECIPE_FILE
     from perft_cli.data import source_format
 
     fix = "pass the examples to route with --data FILE (JSON or JSONL instruction/output records)"
-    recipe_file = f" in {Path(ckpt) / 'recipe.yaml'}" if ckpt is not None else ""
+    recipe_file = f" in {Path(ckpt) / RECIPE_FILE}" if ckpt is not None else ""
     if data is None and not cfg.train:
         raise DataError(f"the checkpoint's recipe{recipe_file} has no data.train; {fix}")
     if source_format(cfg) == "hub":

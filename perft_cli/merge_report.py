@@ -9,6 +9,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from perft_cli.checkpoint import ADAPTER_FILE, RECIPE_FILE
 from perft_cli.errors import CheckpointError
 
 MERGE_FILE = "perft-merge.json"
@@ -27,7 +28,7 @@ def check_ckpt_arg(ckpt: str | Path, command: str) -> None:
             f"--ckpt {str(path)!r} is a file; pass a run directory (the --output-dir of perft train) or one of its "
             "checkpoints/step-N directories"
         )
-    if not path.is_dir() or (path / "adapter.safetensors").is_file() or not (path / "config.json").is_file():
+    if not path.is_dir() or (path / ADAPTER_FILE).is_file() or not (path / "config.json").is_file():
         return
     info = _merge_info(path)
     source = info.get("checkpoint") if info else None
@@ -41,7 +42,9 @@ def check_ckpt_arg(ckpt: str | Path, command: str) -> None:
         what = f"--ckpt {str(path)!r} is a model folder (config.json, no adapter.safetensors), not a perft checkpoint"
     if command == "eval":
         name = shlex.quote(f"model.name_or_path={path.resolve()}")
-        recipe = f"{source}/recipe.yaml" if isinstance(source, str) and Path(source, "recipe.yaml").is_file() else ""
+        recipe = (
+            str(Path(source, RECIPE_FILE)) if isinstance(source, str) and Path(source, RECIPE_FILE).is_file() else ""
+        )
         fix = (
             f"evaluate it as a base model: perft eval --base --recipe {shlex.quote(recipe) if recipe else 'R.yaml'} "
             f"--set {name}" + ("" if recipe else " (R.yaml: any recipe; --set replaces its model)")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -104,7 +106,7 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, MoEFamily]:
     if cfg.quantization == "nf4":
         from perft_cli.quant import load_model_nf4
 
-        try:
+        with _weight_load_errors(cfg):
             model = load_model_nf4(
                 cfg.name_or_path,
                 dtype=dtype,
@@ -114,12 +116,6 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, MoEFamily]:
                 attn_implementation=cfg.attn_implementation,
                 revision=cfg.revision,
             )
-        except (OSError, ValueError, ImportError) as e:
-            raise _weights_error(cfg, e) from None
-        except Exception as e:  # safetensors' own error type for a truncated or foreign file
-            if type(e).__name__ != "SafetensorError":
-                raise
-            raise _weights_error(cfg, e) from None
     else:
         kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
         if cfg.revision:
@@ -128,25 +124,30 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, MoEFamily]:
             kwargs["device_map"] = cfg.device_map
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
-        try:
+        with _weight_load_errors(cfg, RuntimeError):
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
-        except (OSError, ValueError, ImportError, RuntimeError) as e:
-            raise _weights_error(cfg, e) from None
-        except Exception as e:  # safetensors' own error type for a truncated or foreign file
-            if type(e).__name__ != "SafetensorError":
-                raise
-            raise _weights_error(cfg, e) from None
     for p in model.parameters():
         p.requires_grad_(False)
     return model, family
 
 
-def _weights_error(cfg: ModelConfig, e: BaseException) -> ModelError:
-    """One line for a failed weight load, pointing at the recipe keys that take part in it."""
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    keys = [k for k in ("attn_implementation", "device_map") if getattr(cfg, k)]
-    hint = f" (check model.{' / model.'.join(keys)})" if keys else ""
-    return ModelError(f"cannot load the weights of {cfg.name_or_path!r}: {type(e).__name__}: {first}{hint}")
+@contextmanager
+def _weight_load_errors(cfg: ModelConfig, *more: type[Exception]) -> Iterator[None]:
+    """A failed weight load as one ModelError line, pointing at the recipe keys that take part in it.
+
+    OSError, ValueError, ImportError, safetensors' own SafetensorError (a truncated or foreign file) and ``more``.
+    """
+    try:
+        yield
+    except Exception as e:
+        if not isinstance(e, (OSError, ValueError, ImportError, *more)) and type(e).__name__ != "SafetensorError":
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        keys = [k for k in ("attn_implementation", "device_map") if getattr(cfg, k)]
+        hint = f" (check model.{' / model.'.join(keys)})" if keys else ""
+        raise ModelError(
+            f"cannot load the weights of {cfg.name_or_path!r}: {type(e).__name__}: {first}{hint}"
+        ) from None
 
 
 def load_tokenizer(cfg: ModelConfig):
