@@ -22,7 +22,7 @@ import torch
 
 from perft_cli.adapters import attach_adapter
 from perft_cli.config import AdapterConfig, ModelConfig
-from perft_cli.evaluate import generate_responses
+from perft_cli.evaluation.generation import generate_responses
 from perft_cli.modeling import load_model, load_tokenizer
 from perft_cli.prompts import eval_prompt
 from perft_cli.tiny import save_tiny

@@ -68,7 +68,7 @@ def build(model_dir: Path, adapter: dict, run_dir: Path):
 
 def timed_steps(run, pos, steps: int) -> float:
     """Seconds per optimizer step over ``steps`` steps of the real loop body."""
-    from perft_cli.progress import CollapseWatch
+    from perft_cli.training.progress import CollapseWatch
     from perft_cli.training.step import apply_update, clip_gradients, next_micro_batches, train_step
 
     watch = CollapseWatch(run.attached.num_experts, run.attached.top_k, 0.9)

@@ -1,4 +1,7 @@
-"""Checkpoints: only what was trained (safetensors), the resolved recipe, and the state to resume exactly.
+"""A checkpoint's files, the run directory's layout, and what ``--ckpt`` may name (resolution and checks).
+
+A checkpoint holds only what was trained (safetensors), the resolved recipe, and the state to resume exactly (the
+optimizer / scheduler / RNG files are read and written by ``training/resume.py``).
 
 Layout of a run directory::
 
@@ -23,34 +26,32 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from perft_cli.config import Recipe, recipe_from_dict
 from perft_cli.errors import CheckpointError
+from perft_cli.outputs import write_text_atomic
+
+if TYPE_CHECKING:  # torch is imported by the functions that write or read tensors: a recipe error needs none of it
+    import torch
 
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "trainer_state.json"
 RECIPE_FILE = "recipe.yaml"
 BEST_FILE = "best.json"
 CKPT_DIR = "checkpoints"
+MERGE_FILE = "perft-merge.json"  # written by perft merge into its output
 OPTIMIZER_FILE = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 SCHEDULER_FILE = "scheduler.json"
 RNG_FILE = "rng.safetensors"
 RESUME_FILES = (STATE_FILE, OPTIMIZER_FILE, OPTIMIZER_JSON, SCHEDULER_FILE, RNG_FILE)
-# Adapter settings that change the shapes or meaning of the saved weights: resuming across them is an error.
-SHAPE_KEYS = ("variant", "expert", "num_experts", "top_k", "rank")
-# Keys that change what the saved weights compute (the LoRA scale, how PERFT-R weighs its experts): a resume with
-# other values would continue a different function, so it is refused like a shape change.
-MEANING_KEYS = ("alpha", "renormalize", "scale_by_base_router")
-# Left out of the "not exact" warning: checked above (the model by its folder name), or no effect once weights exist.
-NOT_COMPARED = (*SHAPE_KEYS, *MEANING_KEYS, "name_or_path", "init")
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -81,6 +82,12 @@ def best_checkpoint(run_dir: Path) -> Path | None:
         if is_checkpoint(path):
             return path
     return None
+
+
+def run_dir_of(ckpt: Path) -> Path | None:
+    """The run directory a checkpoint belongs to (``RUN/checkpoints/step-N``), None for a checkpoint on its own."""
+    ckpt = Path(ckpt)
+    return ckpt.parent.parent if ckpt.parent.name == CKPT_DIR else None
 
 
 def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
@@ -176,200 +183,8 @@ def load_adapter_weights(ckpt: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {Path(ckpt) / ADAPTER_FILE}: {e}") from None
 
 
-def load_trained(
-    ckpt: str | Path | None,
-    *,
-    base: bool = False,
-    recipe: Recipe | None = None,
-) -> tuple[Any, Any, Recipe, Any, Any]:
-    """Load the base model the checkpoint's recipe names, attach and load the trained adapters.
-
-    Returns (model in eval mode, tokenizer, recipe, family, attached) where attached is None with ``base=True``
-    (the frozen model, for the "before" column). ``recipe`` overrides the checkpoint's (e.g. another quantization).
-    """
-    from perft_cli.adapters import attach_adapter, load_adapter_state
-    from perft_cli.modeling import load_model, load_tokenizer
-
-    path = resolve_checkpoint(ckpt) if ckpt is not None else None
-    if recipe is None:
-        if path is None:
-            raise CheckpointError("no checkpoint given; pass --ckpt DIR (or a recipe with --base)")
-        recipe = load_checkpoint_recipe(path)
-    name = recipe.model.name_or_path
-    if path is not None and name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
-        raise CheckpointError(
-            f"the base model of {path} ({name}) does not exist any more; put it back there, or edit "
-            f"model.name_or_path in {path / RECIPE_FILE} (perft eval also takes --set model.name_or_path=DIR)"
-        )
-    model, family = load_model(recipe.model)
-    tokenizer = load_tokenizer(recipe.model)
-    attached = None
-    if not base:
-        if path is None:
-            raise CheckpointError("evaluating adapters needs --ckpt DIR")
-        attached = attach_adapter(model, recipe.adapter, family)
-        load_adapter_state(model, recipe.adapter.variant, load_adapter_weights(path))
-    model.eval()
-    return model, tokenizer, recipe, family, attached
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Training state: optimizer, scheduler and RNG as safetensors + JSON (never pickle), resume, retention
-
-
 def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CKPT_DIR / f"step-{step:08d}"
-
-
-def optimizer_files(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split ``optimizer.state_dict()`` into tensors (``state.<index>.<key>``) and JSON (scalars, param groups)."""
-    tensors, scalars = {}, {}
-    for index, per_param in state_dict["state"].items():
-        for key, value in per_param.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars[f"{index}.{key}"] = value
-    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in state_dict["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of ``optimizer_files``."""
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = value
-    for name, value in meta.get("scalars", {}).items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def scheduler_json(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """The JSON-safe part of a scheduler's state_dict (LambdaLR keeps its lambdas as None; they are code)."""
-    return {k: v for k, v in state_dict.items() if isinstance(v, int | float | str | bool | list | type(None))}
-
-
-def rng_states() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """This process's RNG states: torch generators as uint8 tensors, python ``random`` and numpy as JSON."""
-    import random
-
-    import numpy as np
-
-    tensors = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda{i}"] = s
-    version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    states = {
-        "python": [version, list(mt), gauss],
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-    }
-    return tensors, states
-
-
-def set_rng_states(tensors: dict[str, torch.Tensor], states: dict[str, Any]) -> None:
-    """Restore what ``rng_states`` returned (CUDA states only for the devices present)."""
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(tensors["cpu"])
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            if f"cuda{i}" in tensors:
-                torch.cuda.set_rng_state(tensors[f"cuda{i}"], i)
-    version, mt, gauss = states["python"]
-    random.setstate((version, tuple(mt), gauss))
-    kind, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def read_training_state(ckpt: Path) -> dict[str, Any]:
-    """Everything ``--resume`` needs from a checkpoint: trainer state, optimizer, scheduler and RNG states."""
-    from safetensors.torch import load_file
-
-    ckpt = Path(ckpt)
-    loaded: dict[str, Any] = {}
-    reading = ""  # the file being read, for the error message
-    try:
-        for reading in (STATE_FILE, OPTIMIZER_JSON, SCHEDULER_FILE):
-            loaded[reading] = json.loads((ckpt / reading).read_text())
-        for reading in (OPTIMIZER_FILE, RNG_FILE):
-            loaded[reading] = load_file(str(ckpt / reading))
-        reading = OPTIMIZER_JSON  # its param groups and scalars are matched to the tensors here
-        optimizer = optimizer_state_dict(loaded[OPTIMIZER_FILE], loaded[OPTIMIZER_JSON])
-    except FileNotFoundError as e:
-        raise CheckpointError(
-            f"{ckpt} cannot be resumed: {Path(e.filename).name} is missing (only checkpoints written by "
-            "'perft train' hold the optimizer and RNG state)"
-        ) from None
-    except Exception as e:  # OSError, ValueError, KeyError, safetensors' SafetensorError for a truncated file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(
-            f"{ckpt} cannot be resumed: {reading}: {type(e).__name__}: {first} (a damaged checkpoint: resume from "
-            "another with --resume CKPT_DIR)"
-        ) from None
-    return {
-        "state": loaded[STATE_FILE],
-        "optimizer": optimizer,
-        "scheduler": loaded[SCHEDULER_FILE],
-        "rng": loaded[RNG_FILE],
-    }
-
-
-def find_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint ``--resume`` names: ``auto`` = newest complete one in the run dir (None if there is none)."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    if not Path(resume).exists():
-        raise CheckpointError(f"--resume {resume!r} does not exist; pass 'auto' or a checkpoint directory")
-    return resolve_checkpoint(resume, prefer="latest")
-
-
-def check_resumable(ckpt: Path) -> None:
-    """A checkpoint without the full training state cannot resume: say so before the model loads."""
-    missing = [f for f in RESUME_FILES if not (Path(ckpt) / f).is_file()]
-    if missing:
-        raise CheckpointError(
-            f"{ckpt} cannot be resumed: it has no {', '.join(missing)} (only checkpoints written by 'perft train' "
-            "hold the optimizer and RNG state)"
-        )
-
-
-def check_resume_compatible(saved: Recipe, recipe: Recipe, ckpt: Path) -> list[str]:
-    """Raise CheckpointError when the checkpoint was trained for another model or adapter shape.
-
-    Returns the data/train keys that differ (resuming then continues, but not exactly as the first run would).
-    """
-    if Path(saved.model.name_or_path).name != Path(recipe.model.name_or_path).name:
-        raise CheckpointError(
-            f"cannot resume {ckpt}: it was trained on model {saved.model.name_or_path!r}, this recipe uses "
-            f"{recipe.model.name_or_path!r}"
-        )
-    for key in (*SHAPE_KEYS, *MEANING_KEYS):
-        a, b = _adapter_value(saved, key), _adapter_value(recipe, key)
-        if a != b:
-            raise CheckpointError(
-                f"cannot resume {ckpt}: it was trained with adapter.{key}={a!r}, this recipe has adapter.{key}={b!r}"
-            )
-    differ = []
-    for section in ("model", "adapter", "data", "train"):
-        old, new = getattr(saved, section).model_dump(), getattr(recipe, section).model_dump()
-        differ += [f"{section}.{k}" for k in new if old.get(k) != new[k] and k not in NOT_COMPARED]
-    return differ
-
-
-def _adapter_value(recipe: Recipe, key: str) -> Any:
-    a = recipe.adapter
-    if key == "alpha":  # None means 2 * rank (reference scripts): the same scale as writing it out
-        return a.alpha if a.alpha is not None else 2.0 * a.rank
-    return getattr(a, key)
 
 
 def clean_stale(run_dir: Path) -> list[str]:
@@ -417,11 +232,10 @@ def set_aside_newer(run_dir: Path, step: int) -> Path | None:
 
 
 def write_best(run_dir: Path, ckpt: Path, eval_loss: float, step: int) -> None:
-    """Point best.json at ``ckpt`` (written to a temporary file and renamed, like checkpoints)."""
-    tmp = Path(run_dir) / f".tmp-{BEST_FILE}"
+    """Point best.json at ``ckpt`` (written whole: outputs.write_text_atomic)."""
     rel = Path(ckpt).resolve().relative_to(Path(run_dir).resolve())
-    tmp.write_text(json.dumps({"checkpoint": rel.as_posix(), "eval_loss": eval_loss, "step": step}, indent=2))
-    os.replace(tmp, Path(run_dir) / BEST_FILE)
+    data = {"checkpoint": rel.as_posix(), "eval_loss": eval_loss, "step": step}
+    write_text_atomic(Path(run_dir) / BEST_FILE, json.dumps(data, indent=2))
 
 
 def prune_checkpoints(run_dir: Path) -> list[Path]:
@@ -431,3 +245,62 @@ def prune_checkpoints(run_dir: Path) -> list[Path]:
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone
+
+
+def check_ckpt_arg(ckpt: str | Path, command: str) -> None:
+    """A one-line CheckpointError when ``--ckpt`` names a file, a merged LoRA model or a plain model folder.
+
+    Those are not runs that have not saved yet (``resolve_checkpoint``'s advice): say what the path is and what
+    ``perft <command>`` can do with it. A run, a checkpoint, a PERFT export (a checkpoint itself) or a missing path
+    passes, for ``resolve_checkpoint`` to handle.
+    """
+    path = Path(ckpt)
+    if path.is_file():
+        raise CheckpointError(
+            f"--ckpt {str(path)!r} is a file; pass a run directory (the --output-dir of perft train) or one of its "
+            "checkpoints/step-N directories"
+        )
+    if not path.is_dir() or (path / ADAPTER_FILE).is_file() or not (path / "config.json").is_file():
+        return
+    info = _merge_info(path)
+    source = info.get("checkpoint") if info else None
+    merged_from = f" (its {MERGE_FILE} names {source!r})" if isinstance(source, str) else ""
+    if info is not None:
+        what = (
+            f"--ckpt {str(path)!r} is a merged LoRA model written by perft merge: a plain transformers model with "
+            "the LoRA weights folded in, no adapters to load"
+        )
+    else:
+        what = f"--ckpt {str(path)!r} is a model folder (config.json, no adapter.safetensors), not a perft checkpoint"
+    if command == "eval":
+        name = shlex.quote(f"model.name_or_path={path.resolve()}")
+        recipe = (
+            str(Path(source, RECIPE_FILE)) if isinstance(source, str) and Path(source, RECIPE_FILE).is_file() else ""
+        )
+        fix = (
+            f"evaluate it as a base model: perft eval --base --recipe {shlex.quote(recipe) if recipe else 'R.yaml'} "
+            f"--set {name}" + ("" if recipe else " (R.yaml: any recipe; --set replaces its model)")
+        )
+    elif command == "merge":
+        fix = (
+            "there is nothing left to merge: load it with AutoModelForCausalLM.from_pretrained, or merge the run it "
+            f"came from{merged_from}"
+            if info is not None
+            else "pass the run directory perft train wrote (or one of its checkpoints)"
+        )
+    else:  # inspect-routing compares the routing with the adapters attached and detached
+        fix = (
+            f"routing before and after fine-tuning needs the adapters: pass the run it was merged from{merged_from}"
+            if info is not None
+            else "pass the run directory perft train wrote (or one of its checkpoints)"
+        )
+    raise CheckpointError(f"{what}; {fix}")
+
+
+def _merge_info(path: Path) -> dict[str, Any] | None:
+    """The ``perft-merge.json`` of a LoRA merge output (folded weights, no adapter file), else None."""
+    try:
+        info = json.loads((path / MERGE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and (info.get("folded") or info.get("variant") == "lora") else None

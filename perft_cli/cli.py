@@ -179,7 +179,7 @@ def train(
     Ctrl-C finishes the current step, saves a checkpoint and exits with code 130; --resume auto continues it.
     """
     from perft_cli.config import load_recipe
-    from perft_cli.progress import say
+    from perft_cli.console import info
     from perft_cli.train import run_train
 
     if json_ and not dry_run:
@@ -198,7 +198,7 @@ def train(
             again += ["--output-dir", str(output_dir)]
         saved = result["last_checkpoint"]
         hint = shlex.join([*again, "--resume", "auto"])  # quoted, so it can be pasted into a shell as it is
-        say(f"interrupted at step {result['step']}; saved {saved}. Resume with: {hint}")
+        info(f"interrupted at step {result['step']}; saved {saved}. Resume with: {hint}")
         raise typer.Exit(130)
 
 

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -23,15 +24,16 @@ def is_main_process() -> bool:
 
 
 def info(message: str) -> None:
-    """A progress line on stderr (rank 0). Rich markup allowed; never wrapped, so paths stay copyable."""
+    """A progress line on stderr (rank 0). Plain text (a path's ``[...]`` is not markup); never wrapped, so paths
+    stay copyable."""
     if is_main_process():
-        err.print(message, soft_wrap=True)
+        err.print(escape(message), soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    """A warning line on stderr (rank 0), never wrapped."""
+    """A warning line on stderr (rank 0), plain text, never wrapped."""
     if is_main_process():
-        err.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+        err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
 def print_json(data: Any) -> None:

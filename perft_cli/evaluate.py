@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from perft_cli import dist_version, harness
+from perft_cli import dist_version
 from perft_cli.errors import PerftError
-from perft_cli.generation import GENERATION, evaluate_task, generate_responses
-from perft_cli.outputs import atomic_file, check_output_file
-from perft_cli.prompts import eval_prompt
-from perft_cli.tasks import (
+from perft_cli.evaluation import lm_eval_mode
+from perft_cli.evaluation.generation import GENERATION, evaluate_task
+from perft_cli.evaluation.tasks import (
     ARITHMETIC,
     ARITHMETIC_TASKS,
     COMMONSENSE,
@@ -28,11 +27,12 @@ from perft_cli.tasks import (
     TASKS,
     Task,
     extract_answer,
-    load_records,
-    resolve_tasks,
 )
+from perft_cli.evaluation.testsets import load_records, resolve_tasks
+from perft_cli.outputs import atomic_file, check_output_file
+from perft_cli.prompts import eval_prompt
 
-__all__ = ["extract_answer", "generate_responses", "run_eval"]
+__all__ = ["extract_answer", "run_eval"]  # extract_answer: the entry point interface.md names
 
 PROMPT_TEMPLATE = "llm-adapters-eval"  # prompts.eval_prompt; its bytes are hashed into the results JSON
 PROTOCOL_BEAMS = 4  # method.md: 4-beam search
@@ -57,12 +57,12 @@ def run_eval(
     lm_eval_include: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (or the frozen base) and write the results JSON (+ per-example JSON Lines)."""
-    from perft_cli.checkpoint import load_trained
+    from perft_cli.modeling import load_trained
 
     if mode not in ("generation", "lm-eval"):
         raise PerftError(f"--mode {mode!r}: expected 'generation' (the paper's protocol) or 'lm-eval'")
     if mode == "lm-eval":
-        harness.require_lm_eval()  # before minutes of model loading
+        lm_eval_mode.require_lm_eval()  # before minutes of model loading
         if data_dir is not None:
             raise PerftError(
                 "--data-dir holds LLM-Adapters test files for the generation protocol; lm-eval reads each task's own "
@@ -82,7 +82,7 @@ def run_eval(
     batch_size = batch_size or cfg.batch_size
     max_new_tokens = max_new_tokens or cfg.max_new_tokens  # None: each task's default
     if mode == "lm-eval" and not tasks and lm_eval_include is not None:
-        names = harness.local_tasks(lm_eval_include)  # --lm-eval-include DIR alone: every task defined there
+        names = lm_eval_mode.local_tasks(lm_eval_include)  # --lm-eval-include DIR alone: every task defined there
     else:
         names = tasks or cfg.tasks or _default_tasks(recipe, mode)
     data_option = "--data-dir" if data_dir is not None else "eval.data_dir"
@@ -90,14 +90,14 @@ def run_eval(
     if mode == "generation":  # read (and check) the data before loading the model
         loaded = [load_records(t, folder, data_dir) for t, folder in resolve_tasks(names, data_dir, data_option)]
     else:  # find the lm-eval tasks before loading the model
-        lm_tasks = harness.task_manager(names, lm_eval_include)
+        lm_tasks = lm_eval_mode.task_manager(names, lm_eval_include)
     try:
         with atomic_file(json_file) as json_tmp, atomic_file(examples_file) as examples_tmp:
             model, tokenizer, recipe, _, _ = load_trained(ckpt_path, base=base, recipe=recipe)
             _place(model)
             started = time.time()
             if mode == "lm-eval":
-                result = harness.run_lm_eval(
+                result = lm_eval_mode.run_lm_eval(
                     model, tokenizer, *lm_tasks, examples_tmp, batch_size=batch_size, limit=limit
                 )
             else:
@@ -117,13 +117,11 @@ def run_eval(
             )
             json_tmp.write_text(json.dumps(result, indent=2) + "\n")
     except KeyboardInterrupt:
-        from rich.markup import escape
-
         from perft_cli.console import info
 
         # The temporary files are gone by now; the CLI turns KeyboardInterrupt into exit code 130.
         said = f"interrupted: the evaluation did not finish, so nothing was written to {json_file} or {examples_file}"
-        info(escape(said))
+        info(said)
         raise
     result["json_file"] = str(json_file)
     _print_table(result)
@@ -214,7 +212,7 @@ def _run_generation(model, tokenizer, loaded, examples_file: Path, *, limit, bat
 
 def _not_comparable(task: Task, complete: bool, path: Path, num_beams: int, max_new_tokens: int) -> list[str]:
     """Why one task's accuracy cannot be set beside published numbers (empty: it can)."""
-    from perft_cli import hub_tasks
+    from perft_cli.evaluation import hub_converters
 
     why = []
     if task.custom:
@@ -225,7 +223,10 @@ def _not_comparable(task: Task, complete: bool, path: Path, num_beams: int, max_
         why.append(f"{num_beams} beams (protocol: {PROTOCOL_BEAMS})")
     if max_new_tokens != task.max_new_tokens:
         why.append(f"{max_new_tokens} new tokens (protocol: {task.max_new_tokens})")
-    if task.name in hub_tasks.NOT_BYTE_VERIFIED and hub_tasks.cache_root().resolve() in path.resolve().parents:
+    if (
+        task.name in hub_converters.NOT_BYTE_VERIFIED
+        and hub_converters.cache_root().resolve() in path.resolve().parents
+    ):
         why.append("converted from the hub without a reference file to check the conversion against")
     return why
 
@@ -247,9 +248,8 @@ def _recipe(ckpt, recipe_path, base: bool, overrides: list[str]):
     """The recipe to evaluate with (the checkpoint's, or --recipe with --base), ``--set`` overrides applied."""
     import yaml
 
-    from perft_cli.checkpoint import load_checkpoint_recipe, resolve_checkpoint
+    from perft_cli.checkpoint import check_ckpt_arg, load_checkpoint_recipe, resolve_checkpoint
     from perft_cli.config import apply_override, load_recipe, recipe_from_dict
-    from perft_cli.merge_report import check_ckpt_arg
 
     if ckpt is None:
         if recipe_path is None:
@@ -285,8 +285,11 @@ def _default_json(ckpt_path: Path | None, recipe, base: bool, mode: str) -> Path
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if ckpt_path is None:
         return Path(recipe.output_dir or "runs/base") / "eval" / f"{tag}-{stamp}.json"
-    if ckpt_path.parent.name == "checkpoints":
-        return ckpt_path.parent.parent / "eval" / f"{ckpt_path.name}-{tag}-{stamp}.json"
+    from perft_cli.checkpoint import run_dir_of
+
+    run_dir = run_dir_of(ckpt_path)
+    if run_dir is not None:
+        return run_dir / "eval" / f"{ckpt_path.name}-{tag}-{stamp}.json"
     return ckpt_path / "eval" / f"{tag}-{stamp}.json"
 
 
@@ -310,7 +313,7 @@ def _print_table(result: dict) -> None:
     if not is_main_process():
         return
     if result["protocol"] == "lm-eval":
-        return harness.print_table(result)
+        return lm_eval_mode.print_table(result)
     who = "adapted " + str(result["checkpoint"]) if result["adapted"] else f"base {result['model']}"
     table = Table(title=f"perft eval: {who}\ngeneration protocol")
     for col in ("task", "kind", "examples", "accuracy %"):

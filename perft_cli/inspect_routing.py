@@ -269,9 +269,9 @@ def inspect(
     """Route the dataset through the trained model (adapters attached) and the frozen one; return the report."""
     from perft_cli.adapters import detach_adapter
     from perft_cli.arch import find_moe_blocks
-    from perft_cli.checkpoint import load_checkpoint_recipe, load_trained, resolve_checkpoint
+    from perft_cli.checkpoint import check_ckpt_arg, load_checkpoint_recipe, resolve_checkpoint
     from perft_cli.data import tokenize
-    from perft_cli.merge_report import check_ckpt_arg
+    from perft_cli.modeling import load_trained
     from perft_cli.perft import attached_adapters
 
     check_ckpt_arg(ckpt, "inspect-routing")  # a file, a merged LoRA model: say so (not "has the run saved yet?")
@@ -348,7 +348,6 @@ def run_inspect(
     collapse_share: float = 0.5,
 ) -> dict[str, Any]:
     """The command: inspect, print the terminal report, write the files asked for."""
-    from rich.markup import escape
 
     from perft_cli import routing_report
     from perft_cli.console import info
@@ -374,5 +373,5 @@ def run_inspect(
         if "--png" in tmp:
             routing_report.render_png(report, tmp["--png"], png_format)
     for path in outputs.values():
-        info(escape(f"wrote {path}"))
+        info(f"wrote {path}")
     return report

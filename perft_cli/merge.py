@@ -31,24 +31,21 @@ from typing import Any
 
 import torch
 
+from perft_cli.checkpoint import (
+    ADAPTER_FILE,
+    MERGE_FILE,
+    RECIPE_FILE,
+    check_ckpt_arg,
+    is_checkpoint,
+    load_checkpoint_recipe,
+    resolve_checkpoint,
+    run_dir_of,
+)
 from perft_cli.errors import CheckpointError, PerftError
-from perft_cli.lora_fold import fold_lora  # looked up here by _fold_or_export: tests patch merge.fold_lora
-from perft_cli.merge_report import MERGE_FILE, check_ckpt_arg, model_card, print_merge
-from perft_cli.merge_verification import RTOL, SAMPLE_PROMPTS, SAMPLE_TOKENS, _verify, sample_logits
+from perft_cli.merging import fold
+from perft_cli.merging.card import model_card, print_merge
+from perft_cli.merging.verification import sample_logits, verify
 from perft_cli.outputs import check_output_parent, create_parents, remove_empty
-
-__all__ = [
-    "MERGE_FILE",
-    "RTOL",
-    "SAMPLE_PROMPTS",
-    "SAMPLE_TOKENS",
-    "fold_lora",
-    "load_merged",
-    "model_card",
-    "print_merge",
-    "run_merge",
-    "sample_logits",
-]
 
 
 def load_merged(path: str | Path) -> tuple[Any, Any]:
@@ -57,7 +54,7 @@ def load_merged(path: str | Path) -> tuple[Any, Any]:
 
 
 def _load_output(path: Path, single_device: bool) -> tuple[Any, Any]:
-    from perft_cli.checkpoint import is_checkpoint, load_checkpoint_recipe, load_trained
+    from perft_cli.modeling import load_trained
 
     if is_checkpoint(path):  # PERFT export: base weights + adapter.safetensors + recipe.yaml
         recipe = load_checkpoint_recipe(path)
@@ -85,19 +82,10 @@ def _check_out(out: Path, ckpt: Path, force: bool) -> None:
     check_output_parent(out, "--out", "choose another directory")
 
 
-def _run_dir(ckpt_arg: Path, ckpt: Path) -> Path:
-    """The run directory a checkpoint belongs to (RUN/checkpoints/step-N), else the checkpoint itself."""
-    if ckpt.parent.name == "checkpoints":
-        return ckpt.parent.parent
-    return Path(ckpt_arg)
-
-
 def run_merge(ckpt: Path, out: Path, force: bool = False) -> dict[str, Any]:
     """Merge (LoRA) or export (PERFT), verify against the unmerged model, write OUT atomically, print a summary."""
-    from perft_cli.adapters import attach_adapter, load_adapter_state
-    from perft_cli.checkpoint import load_adapter_weights, load_checkpoint_recipe, resolve_checkpoint
     from perft_cli.console import info
-    from perft_cli.modeling import load_model, load_tokenizer
+    from perft_cli.modeling import load_trained
 
     check_ckpt_arg(ckpt, "merge")  # a file, an earlier merge's output: say so (not "has the run saved yet?")
     path = resolve_checkpoint(ckpt)
@@ -106,7 +94,9 @@ def run_merge(ckpt: Path, out: Path, force: bool = False) -> dict[str, Any]:
     recipe = load_checkpoint_recipe(path)
     variant, dtype = recipe.adapter.variant, recipe.model.dtype
     # Unquantized, on one device: the reference and the reloaded output then run the very same arithmetic.
-    base_cfg = recipe.model.model_copy(update={"quantization": "none", "device_map": None})
+    base = recipe.model_copy(
+        update={"model": recipe.model.model_copy(update={"quantization": "none", "device_map": None})}
+    )
     notes = []
     if recipe.model.quantization != "none":
         notes.append(
@@ -114,11 +104,7 @@ def run_merge(ckpt: Path, out: Path, force: bool = False) -> dict[str, Any]:
             f"{dtype}, exactly the original weights (the adapters saw their 4-bit reconstruction in training)"
         )
     info(f"loading {recipe.model.name_or_path} ({dtype}) and the {variant} adapter from {path}")
-    model, family = load_model(base_cfg)
-    tokenizer = load_tokenizer(base_cfg)
-    attach_adapter(model, recipe.adapter, family)
-    load_adapter_state(model, variant, load_adapter_weights(path))
-    model.eval()
+    model, tokenizer, _, family, _ = load_trained(path, recipe=base)  # in eval mode
     reference = sample_logits(model, tokenizer)  # [P, V] the unmerged model
 
     tmp = out.parent / f".{out.name}.merging-{os.getpid()}"  # not ".tmp*": is_checkpoint must accept it
@@ -137,7 +123,7 @@ def run_merge(ckpt: Path, out: Path, force: bool = False) -> dict[str, Any]:
             raise PerftError("the merged model still has lora_ parameters")
         got = sample_logits(merged, merged_tok)  # [P, V] the output, loaded the way users load it
         del merged
-        verification = _verify(reference, got, in_memory, dtype, folded=variant == "lora")
+        verification = verify(reference, got, in_memory, dtype, folded=variant == "lora")
         verification["fold_error_rounding_units"] = fold_error
         result = {
             "checkpoint": str(path),
@@ -155,7 +141,7 @@ def run_merge(ckpt: Path, out: Path, force: bool = False) -> dict[str, Any]:
         pickles = [p.name for p in tmp.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
         if pickles:
             raise PerftError(f"refusing to ship pickle files {pickles}; only safetensors are allowed")
-        result["eval"] = _copy_evals(_run_dir(ckpt, path), tmp)
+        result["eval"] = _copy_evals(run_dir_of(path) or Path(ckpt), tmp)
         (tmp / MERGE_FILE).write_text(json.dumps(result, indent=2))
         (tmp / "README.md").write_text(model_card(recipe, result, family.display))
         if out.exists():
@@ -178,7 +164,7 @@ def _fold_or_export(
 
     variant, dtype = recipe.adapter.variant, recipe.model.dtype
     if variant == "lora":
-        folded, fold_error = fold_lora(model)
+        folded, fold_error = fold.fold_lora(model)
         if fold_error > 1.0:
             raise PerftError(f"the LoRA fold is off by {fold_error:.3g}x the {dtype} rounding bound; not writing")
         in_memory = sample_logits(model, tokenizer)
@@ -204,8 +190,6 @@ def _fold_or_export(
 def _write_perft_files(tmp: Path, recipe: Any, exported: dict[str, torch.Tensor]) -> None:
     """adapter.safetensors and a recipe.yaml naming the directory itself (``.``) as the unquantized base."""
     from safetensors.torch import save_file
-
-    from perft_cli.checkpoint import ADAPTER_FILE, RECIPE_FILE
 
     save_file(exported, str(tmp / ADAPTER_FILE), metadata={"format": "pt", "producer": "perft merge"})
     model = recipe.model.model_copy(update={"name_or_path": ".", "quantization": "none"})

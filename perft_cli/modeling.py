@@ -1,4 +1,5 @@
-"""Load the frozen MoE backbone and its tokenizer (safetensors only; no remote code unless the recipe allows it)."""
+"""Load the frozen MoE backbone and its tokenizer (safetensors only; no remote code unless the recipe allows it), and
+a trained checkpoint on top of it (``load_trained``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
@@ -13,8 +15,8 @@ from transformers import logging as hf_logging
 
 from perft_cli import hub
 from perft_cli.arch import MoEFamily, family_for
-from perft_cli.config import ModelConfig
-from perft_cli.errors import ModelError
+from perft_cli.config import ModelConfig, Recipe
+from perft_cli.errors import CheckpointError, ModelError
 
 # Our own progress output replaces transformers' per-load weight bars.
 hf_logging.disable_progress_bar()
@@ -176,3 +178,40 @@ def meta_model(config: PretrainedConfig, dtype: torch.dtype = torch.bfloat16) ->
     """The model built on the meta device from its config alone: shapes, names and dtypes, no memory, no weights."""
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def load_trained(
+    ckpt: str | Path | None,
+    *,
+    base: bool = False,
+    recipe: Recipe | None = None,
+) -> tuple[Any, Any, Recipe, Any, Any]:
+    """Load the base model the checkpoint's recipe names, attach and load the trained adapters.
+
+    Returns (model in eval mode, tokenizer, recipe, family, attached) where attached is None with ``base=True``
+    (the frozen model, for the "before" column). ``recipe`` overrides the checkpoint's (e.g. another quantization).
+    """
+    from perft_cli.adapters import attach_adapter, load_adapter_state
+    from perft_cli.checkpoint import RECIPE_FILE, load_adapter_weights, load_checkpoint_recipe, resolve_checkpoint
+
+    path = resolve_checkpoint(ckpt) if ckpt is not None else None
+    if recipe is None:
+        if path is None:
+            raise CheckpointError("no checkpoint given; pass --ckpt DIR (or a recipe with --base)")
+        recipe = load_checkpoint_recipe(path)
+    name = recipe.model.name_or_path
+    if path is not None and name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+        raise CheckpointError(
+            f"the base model of {path} ({name}) does not exist any more; put it back there, or edit "
+            f"model.name_or_path in {path / RECIPE_FILE} (perft eval also takes --set model.name_or_path=DIR)"
+        )
+    model, family = load_model(recipe.model)
+    tokenizer = load_tokenizer(recipe.model)
+    attached = None
+    if not base:
+        if path is None:
+            raise CheckpointError("evaluating adapters needs --ckpt DIR")
+        attached = attach_adapter(model, recipe.adapter, family)
+        load_adapter_state(model, recipe.adapter.variant, load_adapter_weights(path))
+    model.eval()
+    return model, tokenizer, recipe, family, attached

@@ -1,7 +1,9 @@
 """Output files written whole or not at all, and output paths checked before the slow work that fills them.
 
-Used by ``perft eval``, ``perft inspect-routing`` and ``perft merge``: a bad ``--json`` / ``--html`` / ``--out``
-fails in one line before any model loads, and an error or Ctrl-C never leaves a partial file.
+``atomic_file`` / ``write_text_atomic`` are the one way perft writes a file atomically (results, reports, best.json,
+the run's recipe.yaml, converted test sets); checkpoints are directories, written the same way by
+``checkpoint.write_checkpoint``. A bad ``--json`` / ``--html`` / ``--out`` fails in one line before any model
+loads, and an error or Ctrl-C never leaves a partial file.
 """
 
 from __future__ import annotations
@@ -57,6 +59,17 @@ def atomic_file(path: Path) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
         if not done:
             remove_empty(created)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a temporary file beside it, flushed to disk, then renamed.
+
+    The one way perft writes a small file that must never be seen half-written (best.json, recipe.yaml, caches).
+    """
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def create_parents(path: Path, fix: str = "") -> list[Path]:

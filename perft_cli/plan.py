@@ -6,8 +6,8 @@ from typing import Any
 
 from perft_cli.adapters import accounting, attach_adapter
 from perft_cli.config import Recipe, ignored_keys
+from perft_cli.console import warn
 from perft_cli.modeling import DTYPES, load_config, meta_model
-from perft_cli.progress import caution
 
 # fp32 gradient, exp_avg and exp_avg_sq per trainable parameter (its fp32 weight is in the "adapters" weight group).
 ADAMW_BYTES = 4 + 4 + 4
@@ -62,7 +62,7 @@ def run_plan(recipe: Recipe) -> dict[str, Any]:
     }
     unused = ignored_keys(recipe)
     if unused:
-        caution(f"set but not used by adapter.variant={recipe.adapter.variant}: {', '.join(unused)}")
+        warn(f"set but not used by adapter.variant={recipe.adapter.variant}: {', '.join(unused)}")
     return {
         "model": recipe.model.name_or_path,
         "model_type": config.model_type,

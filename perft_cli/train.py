@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from perft_cli import checkpoint as ck
+from perft_cli import testing_hooks
 from perft_cli.config import Recipe
-from perft_cli.console import is_main_process, out, print_json
-from perft_cli.progress import (
-    CollapseWatch,
+from perft_cli.console import is_main_process, out, print_json, warn
+from perft_cli.training.collapse import CollapseWatch
+from perft_cli.training.progress import (
     MetricsLog,
     Timer,
     TrainProgress,
-    caution,
     peak_memory,
     print_start,
     warn_collapse,
@@ -43,7 +43,6 @@ from perft_cli.training.setup import (
 )
 from perft_cli.training.state import Position, fresh_position, restore, save
 from perft_cli.training.step import (
-    TrainingError,
     apply_update,
     check_finite,
     clip_gradients,
@@ -51,10 +50,6 @@ from perft_cli.training.step import (
     next_micro_batches,
     train_step,
 )
-
-__all__ = ["DUMP_ENV", "TrainingError", "run_dry_run", "run_train"]
-
-DUMP_ENV = "PERFT_TEST_DUMP_ADAPTER"  # tests: every process writes its final adapter weights to this folder
 
 
 def run_train(recipe: Recipe, *, resume: str | None = None, dry_run: bool = False, as_json: bool = False) -> dict:
@@ -89,7 +84,7 @@ def run_train(recipe: Recipe, *, resume: str | None = None, dry_run: bool = Fals
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     pos = restore(run, resume_from) if resume_from else fresh_position(run)
-    print_start(start_info(run, family, source, resume_from, pos))
+    print_start(start_info(run, family, source, resume_from, pos.step))
 
     metrics = MetricsLog(run_dir, accelerator, keep_until=pos.step if resume_from else None)
     progress = TrainProgress(run.total_steps, pos.step)
@@ -133,17 +128,17 @@ def check_eval_tasks(recipe: Recipe) -> None:
     that ``perft eval`` would refuse."""
     from perft_cli.config import ignored_keys
     from perft_cli.errors import PerftError
-    from perft_cli.tasks import resolve_tasks
+    from perft_cli.evaluation.testsets import resolve_tasks
 
     unused = ignored_keys(recipe)
     if unused:
-        caution(f"set but not used by adapter.variant={recipe.adapter.variant}: {', '.join(unused)}")
+        warn(f"set but not used by adapter.variant={recipe.adapter.variant}: {', '.join(unused)}")
     if not recipe.eval.tasks:
         return
     try:
         resolve_tasks(recipe.eval.tasks, recipe.eval.data_dir, "eval.data_dir")
     except PerftError as e:
-        caution(f"eval.tasks: {e} (training goes on; fix it before perft eval)")
+        warn(f"eval.tasks: {e} (training goes on; fix it before perft eval)")
 
 
 def log_step(run, pos, stats, seconds, metrics: MetricsLog, progress: TrainProgress, watch: CollapseWatch) -> None:
@@ -196,7 +191,7 @@ def interrupt_flag():
         if flag["stop"]:
             raise KeyboardInterrupt
         flag["stop"] = True
-        caution("interrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort without saving)")
+        warn("interrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort without saving)")
 
     import threading
 
@@ -239,15 +234,8 @@ def finish(run: Run, pos: Position, status: str, seconds: float, train_seconds: 
         "processes": run.accelerator.num_processes,
     }
     write_summary(run.run_dir, summary)
-    if os.environ.get(DUMP_ENV):
-        from safetensors.torch import save_file
-
-        dump = Path(os.environ[DUMP_ENV])
-        dump.mkdir(parents=True, exist_ok=True)
-        save_file(
-            adapter_state(run.unwrapped, run.attached.variant),
-            str(dump / f"rank{run.accelerator.process_index}.safetensors"),
-        )
+    if os.environ.get(testing_hooks.DUMP_ENV):
+        testing_hooks.dump_adapter(adapter_state(run.unwrapped, run.attached.variant), run.accelerator.process_index)
     return summary
 
 

@@ -17,12 +17,12 @@ from perft_cli.checkpoint import (
     best_checkpoint,
     latest_checkpoint,
     load_checkpoint_recipe,
-    read_training_state,
 )
 from perft_cli.config import ModelConfig, load_recipe
 from perft_cli.errors import CheckpointError, DataError, ModelError
 from perft_cli.modeling import load_config, load_model, load_tokenizer
 from perft_cli.train import run_train
+from perft_cli.training.resume import read_training_state
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
@@ -136,7 +136,7 @@ def test_a_failed_start_changes_nothing(trained_run, tmp_path, tiny_model_dir):
 
 
 def test_checkpoint_whose_base_model_moved_names_the_recipe_to_edit(trained_run, tmp_path, tiny_model_dir):
-    from perft_cli.checkpoint import load_trained
+    from perft_cli.modeling import load_trained
 
     run, _ = trained_run
     ckpt = shutil.copytree(latest_checkpoint(run), tmp_path / "ck")

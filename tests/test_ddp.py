@@ -20,8 +20,9 @@ from test_train import make_data, make_recipe
 
 from perft_cli.checkpoint import latest_checkpoint, load_adapter_weights
 from perft_cli.config import load_recipe
-from perft_cli.progress import read_metrics
-from perft_cli.train import DUMP_ENV, run_train
+from perft_cli.testing_hooks import DUMP_ENV
+from perft_cli.train import run_train
+from perft_cli.training.progress import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,9 @@ import torch
 
 from perft_cli.errors import DataError, PerftError
 from perft_cli.evaluate import extract_answer
+from perft_cli.evaluation.tasks import TASKS, is_correct, known_task
+from perft_cli.evaluation.testsets import load_records, resolve_tasks
 from perft_cli.prompts import eval_prompt
-from perft_cli.tasks import TASKS, is_correct, known_task, load_records, resolve_tasks
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/llm-adapters"
 
@@ -124,8 +125,8 @@ def test_extract_answer_reads_only_the_response():
 
 
 def test_comparability_reasons(tmp_path):
-    from perft_cli import hub_tasks
     from perft_cli.evaluate import _not_comparable
+    from perft_cli.evaluation import hub_converters as hub_tasks
 
     boolq, hellaswag = known_task("boolq"), known_task("hellaswag")
     file = tmp_path / "boolq" / "test.json"
@@ -369,8 +370,8 @@ def one_thread():
 def test_batched_generation_matches_one_at_a_time(tiny_model_dir, tmp_path):
     from conftest import make_checkpoint
 
-    from perft_cli.checkpoint import load_trained
-    from perft_cli.evaluate import generate_responses
+    from perft_cli.evaluation.generation import generate_responses
+    from perft_cli.modeling import load_trained
 
     ckpt = make_checkpoint(tmp_path / "ckpt", tiny_model_dir("olmoe"))
     model, tok, *_ = load_trained(ckpt)  # fp32, PERFT-R adapters attached

@@ -18,9 +18,10 @@ from typer.testing import CliRunner
 
 from perft_cli.cli import app
 from perft_cli.errors import DataError
-from perft_cli.hub_tasks import NO_SOURCE, SOURCES
+from perft_cli.evaluation.hub_converters import NO_SOURCE, SOURCES
+from perft_cli.evaluation.tasks import COMMONSENSE, GET_FILES, TASKS, Task, known_task
+from perft_cli.evaluation.testsets import load_records
 from perft_cli.prompts import eval_prompt
-from perft_cli.tasks import COMMONSENSE, GET_FILES, TASKS, Task, known_task, load_records
 
 # --- an independent parser: LLM-Adapters record -> the row its hub dataset holds -------------------------------
 
@@ -381,7 +382,8 @@ def test_offline_without_mirror_is_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PERFT_", "HF_"))}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PERFT_CACHE=str(tmp_path))
     code = (
-        "import sys\nfrom perft_cli.errors import DataError\nfrom perft_cli.tasks import known_task, load_records\n"
+        "import sys\nfrom perft_cli.errors import DataError\nfrom perft_cli.evaluation.tasks import known_task\n"
+        "from perft_cli.evaluation.testsets import load_records\n"
         "try:\n    load_records(known_task('piqa'), None, None)\n"
         "except DataError as e:\n    print(e)\n    sys.exit(3)\n"
     )

@@ -133,12 +133,12 @@ def test_missing_data_is_one_line_error(tiny_model_dir, tmp_path):
 
 def _no_model(monkeypatch):
     """Loading the model now fails the test: the error must come before the (slow) model load."""
-    import perft_cli.checkpoint
+    import perft_cli.modeling
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the error")
 
-    monkeypatch.setattr(perft_cli.checkpoint, "load_trained", refuse)
+    monkeypatch.setattr(perft_cli.modeling, "load_trained", refuse)
 
 
 @pytest.mark.parametrize("where", ["--data", "data.train"])

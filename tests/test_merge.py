@@ -11,11 +11,13 @@ import yaml
 from conftest import make_checkpoint
 from typer.testing import CliRunner
 
-from perft_cli import merge
-from perft_cli.checkpoint import load_trained, resolve_checkpoint
+from perft_cli.checkpoint import resolve_checkpoint
 from perft_cli.cli import app
 from perft_cli.errors import PerftError
-from perft_cli.merge import load_merged, run_merge, sample_logits
+from perft_cli.merge import load_merged, run_merge
+from perft_cli.merging import fold, verification
+from perft_cli.merging.verification import sample_logits
+from perft_cli.modeling import load_trained
 from perft_cli.tiny import save_tiny
 
 CASES = [
@@ -83,7 +85,7 @@ def test_bf16_lora_merge(tiny_model_dir, tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt", tiny_model_dir("olmoe"), "lora")
     set_recipe(ckpt, "model", dtype="bfloat16")
     v = run_merge(ckpt, tmp_path / "out")["verification"]
-    assert v["passed"] and v["rtol"] == merge.RTOL["bfloat16"]
+    assert v["passed"] and v["rtol"] == verification.RTOL["bfloat16"]
     assert v["fold_error_rounding_units"] <= 1.0  # the fold is exact up to bf16 storage rounding
     assert v["roundtrip_max_abs_diff"] <= 1e-4 * v["max_abs_logit"]  # save + reload changed nothing
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -130,7 +132,7 @@ def test_wrong_merge_fails_and_leaves_nothing(tiny_model_dir, tmp_path, monkeypa
                 setattr(model.get_submodule(parent), child, module.get_base_layer())
         return [], 0.0
 
-    monkeypatch.setattr(merge, "fold_lora", unwrap_only)
+    monkeypatch.setattr(fold, "fold_lora", unwrap_only)
     with pytest.raises(PerftError, match="merge verification failed"):
         run_merge(ckpt, tmp_path / "new" / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no output, no temporary or parent directory

@@ -29,8 +29,11 @@ from perft_cli.checkpoint import (
     load_adapter_weights,
 )
 from perft_cli.config import load_recipe
-from perft_cli.progress import CollapseWatch, read_metrics
-from perft_cli.train import TrainingError, run_train
+from perft_cli.testing_hooks import KILL_ENV
+from perft_cli.train import run_train
+from perft_cli.training.collapse import CollapseWatch
+from perft_cli.training.progress import read_metrics
+from perft_cli.training.step import TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
@@ -235,7 +238,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tiny_model_dir):
     recipe_a = make_recipe(tmp_path / "a", model_dir, data, output_dir=str(tmp_path / "a" / "run"), **common)
     recipe_b = make_recipe(tmp_path / "b", model_dir, data, output_dir=str(tmp_path / "b" / "run"), **common)
     straight = perft([str(recipe_a)])
-    killed = perft([str(recipe_b)], env={"PERFT_TEST_KILL_AT_STEP": "4"})
+    killed = perft([str(recipe_b)], env={KILL_ENV: "4"})
     err_a, err_b = wait(straight), wait(killed)
     assert straight.returncode == 0, err_a[-2000:]
     assert killed.returncode == -signal.SIGKILL, err_b[-2000:]

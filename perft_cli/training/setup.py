@@ -7,19 +7,16 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from perft_cli import checkpoint as ck
 from perft_cli.config import Recipe
-from perft_cli.console import is_main_process
+from perft_cli.console import info, is_main_process, warn
 from perft_cli.data import Examples, fingerprint
 from perft_cli.errors import CheckpointError, DataError, RecipeError
-from perft_cli.progress import caution, say
-
-if TYPE_CHECKING:
-    from perft_cli.training.state import Position
+from perft_cli.training.resume import check_resumable, check_resume_compatible, find_resume
 
 
 @dataclass
@@ -80,21 +77,21 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: str | None) -> Path |
     if is_main_process():
         stale = ck.clean_stale(run_dir)  # left by a save that was killed (a complete one is put back in place)
         if stale:
-            say(f"removed {len(stale)} incomplete checkpoint(s) left by an interrupted save: {', '.join(stale)}")
+            info(f"removed {len(stale)} incomplete checkpoint(s) left by an interrupted save: {', '.join(stale)}")
     existing = ck.latest_checkpoint(run_dir)
     if resume is None and existing is not None:
         raise CheckpointError(
             f"{run_dir} already holds checkpoints (latest {existing.name}); continue it with --resume auto, or "
             "choose another --output-dir"
         )
-    ckpt = ck.find_resume(run_dir, resume)
+    ckpt = find_resume(run_dir, resume)
     if resume == "auto" and ckpt is None:
-        say(f"--resume auto: no checkpoint in {run_dir / ck.CKPT_DIR}, starting a fresh run")
+        info(f"--resume auto: no checkpoint in {run_dir / ck.CKPT_DIR}, starting a fresh run")
     if ckpt is not None:
-        differ = ck.check_resume_compatible(ck.load_checkpoint_recipe(ckpt), recipe, ckpt)
-        ck.check_resumable(ckpt)
+        differ = check_resume_compatible(ck.load_checkpoint_recipe(ckpt), recipe, ckpt)
+        check_resumable(ckpt)
         if differ:
-            caution(f"resuming {ckpt} with different settings ({', '.join(differ)}): the run will not be exact")
+            warn(f"resuming {ckpt} with different settings ({', '.join(differ)}): the run will not be exact")
     return ckpt
 
 
@@ -108,7 +105,7 @@ def commit_run_dir(run_dir: Path, recipe: Recipe, ckpt: Path | None) -> None:
         step = json.loads((ckpt / ck.STATE_FILE).read_text())["step"]
         moved = ck.set_aside_newer(run_dir, step)
         if moved is not None:
-            caution(
+            warn(
                 f"resuming from step {step}: this run's later checkpoints belong to the abandoned continuation "
                 f"and were moved to {moved}"
             )
@@ -248,7 +245,7 @@ def setup_training(recipe, run_dir, accelerator, model, family, attached, tokeni
     )
 
 
-def start_info(run: Run, family, source: str, resume_from: Path | None, pos: Position) -> dict[str, Any]:
+def start_info(run: Run, family, source: str, resume_from: Path | None, start_step: int) -> dict[str, Any]:
     r = run.recipe
     return {
         "base_aux_coef": run.base_coef,
@@ -271,7 +268,7 @@ def start_info(run: Run, family, source: str, resume_from: Path | None, pos: Pos
         "accumulation": run.accelerator.gradient_accumulation_steps,
         "processes": run.accelerator.num_processes,
         "resumed_from": str(resume_from) if resume_from else None,
-        "start_step": pos.step,
+        "start_step": start_step,
     }
 
 

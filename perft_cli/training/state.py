@@ -7,19 +7,16 @@ restoring all of it continues with exactly the batches, dropout masks and update
 
 from __future__ import annotations
 
-import os
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from perft_cli import checkpoint as ck
-from perft_cli.console import is_main_process
+from perft_cli import testing_hooks
+from perft_cli.console import is_main_process, warn
 from perft_cli.errors import CheckpointError
-from perft_cli.progress import caution
+from perft_cli.training.resume import optimizer_files, read_training_state, rng_states, scheduler_json, set_rng_states
 from perft_cli.training.setup import Run
-
-KILL_ENV = "PERFT_TEST_KILL_AT_STEP"  # tests: SIGKILL this process right after the checkpoint of that step
 
 
 @dataclass
@@ -60,7 +57,7 @@ def restore(run: Run, ckpt: Path) -> Position:
     """Load adapter, optimizer, scheduler and this process's RNG states; return the saved data position."""
     from perft_cli.adapters import load_adapter_state
 
-    saved = ck.read_training_state(ckpt)
+    saved = read_training_state(ckpt)
     load_adapter_state(run.unwrapped, run.attached.variant, ck.load_adapter_weights(ckpt))
     groups = saved["optimizer"]["param_groups"]
     if sum(len(g["params"]) for g in groups) != len(run.params):
@@ -75,16 +72,14 @@ def restore(run: Run, ckpt: Path) -> Position:
     st = saved["state"]
     world, rank = run.accelerator.num_processes, run.accelerator.process_index
     if st.get("world_size", 1) != world:
-        caution(f"{ckpt} was saved by {st.get('world_size')} process(es), this run has {world}: not bitwise exact")
+        warn(f"{ckpt} was saved by {st.get('world_size')} process(es), this run has {world}: not bitwise exact")
     _reconcile_best(run, st)
     d = st["data"]
     if d.get("fingerprint") != run.data_fingerprint or d.get("steps_per_epoch") != run.steps_per_epoch:
-        caution(f"the training data or batch size differs from those of {ckpt}: the data position is approximate")
+        warn(f"the training data or batch size differs from those of {ckpt}: the data position is approximate")
     epoch, batch = (d["epoch"], d["batch"]) if d["batch"] < run.steps_per_epoch else (d["epoch"] + 1, 0)
     r = rank % st.get("world_size", 1)
-    ck.set_rng_states(
-        {k.split(".", 1)[1]: v for k, v in saved["rng"].items() if k.startswith(f"rank{r}.")}, st["rng"][r]
-    )
+    set_rng_states({k.split(".", 1)[1]: v for k, v in saved["rng"].items() if k.startswith(f"rank{r}.")}, st["rng"][r])
     return Position(
         step=st["step"],
         epoch=epoch,
@@ -137,9 +132,9 @@ def save(run: Run, pos: Position, best: bool = False) -> Path:
             ck.prune_checkpoints(run.run_dir)
         run.accelerator.wait_for_everyone()
         return path
-    rng = gather_object([ck.rng_states()])  # [(tensors, json)] per process, in rank order
+    rng = gather_object([rng_states()])  # [(tensors, json)] per process, in rank order
     if is_main_process():
-        opt_tensors, opt_json = ck.optimizer_files(run.optimizer.state_dict())
+        opt_tensors, opt_json = optimizer_files(run.optimizer.state_dict())
         rng_tensors = {f"rank{r}.{k}": v.contiguous() for r, (t, _) in enumerate(rng) for k, v in t.items()}
         ck.write_checkpoint(
             path,
@@ -147,15 +142,14 @@ def save(run: Run, pos: Position, best: bool = False) -> Path:
             recipe=run.recipe,
             state=trainer_state(run, pos, [s for _, s in rng]),
             tensors={ck.OPTIMIZER_FILE: opt_tensors, ck.RNG_FILE: rng_tensors},
-            jsons={ck.OPTIMIZER_JSON: opt_json, ck.SCHEDULER_FILE: ck.scheduler_json(run.scheduler.state_dict())},
+            jsons={ck.OPTIMIZER_JSON: opt_json, ck.SCHEDULER_FILE: scheduler_json(run.scheduler.state_dict())},
         )
         if best:
             ck.write_best(run.run_dir, path, pos.best_eval, pos.step)
         ck.prune_checkpoints(run.run_dir)
     run.accelerator.wait_for_everyone()
     pos.last_saved = pos.step
-    if os.environ.get(KILL_ENV) == str(pos.step):
-        os.kill(os.getpid(), signal.SIGKILL)  # tests: a hard kill right after a save, as a crash would
+    testing_hooks.kill_after_save(pos.step)
     return path
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from perft_cli import checkpoint as ck
 from perft_cli.data import IGNORE_INDEX, collate, epoch_batches, rank_micro_batches
 from perft_cli.errors import PerftError
-from perft_cli.progress import CollapseWatch
+from perft_cli.training.collapse import CollapseWatch
 from perft_cli.training.setup import Run
 from perft_cli.training.state import Position
 

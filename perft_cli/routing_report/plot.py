@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from perft_cli.errors import PerftError
-from perft_cli.routing_style import _hex, _ratio_rgb
+from perft_cli.routing_report.style import hex_colour, ratio_rgb
 
 
 def require_matplotlib() -> None:
@@ -43,7 +43,7 @@ def render_png(report: dict, path: Path, fmt: str | None = None) -> None:
     import numpy as np
     from matplotlib.colors import LinearSegmentedColormap
 
-    colours = [_hex(_ratio_rgb(s, 1)) for s in (0.25, 0.5, 1.0, 2.0, 4.0)]
+    colours = [hex_colour(ratio_rgb(s, 1)) for s in (0.25, 0.5, 1.0, 2.0, 4.0)]
     cmap = LinearSegmentedColormap.from_list("ratio", colours).with_extremes(bad="black")
     layers = [r["layer"] for r in report["layers"]]
     panels = [("before", "base router, before (adapters detached)"), ("after", "base router, after (attached)")]

@@ -15,7 +15,7 @@ from typing import Any
 from perft_cli import dist_version
 from perft_cli.console import pct
 from perft_cli.errors import PerftError
-from perft_cli.tasks import known_task
+from perft_cli.evaluation.tasks import known_task
 
 LM_EVAL_NAMES = {  # our task names -> lm-evaluation-harness task names
     "boolq": "boolq",

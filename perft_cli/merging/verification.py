@@ -40,7 +40,7 @@ def sample_logits(model: Any, tokenizer: Any) -> torch.Tensor:
     return logits.float()[batch["attention_mask"].bool().to(device)].cpu()  # [P, V]
 
 
-def _verify(
+def verify(
     reference: torch.Tensor, got: torch.Tensor, in_memory: torch.Tensor | None, dtype: str, folded: bool
 ) -> dict[str, Any]:
     """Compare the output's logits with the unmerged model's (and, after a fold, with the folded model in memory)."""

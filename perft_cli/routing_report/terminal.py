@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from perft_cli.console import human_count, out
-from perft_cli.routing_style import _arrow, _ratio_rgb
+from perft_cli.routing_report.style import arrow, ratio_rgb
 
 FULL_HISTOGRAMS = 128  # layers x experts up to which every layer gets a histogram in the terminal
 MAX_ALARM_HISTOGRAMS = 3
@@ -31,7 +31,7 @@ def _cells(shares: list[float]) -> list[Text]:
         row = Text()
         for share in shares[start : start + 64]:
             row.append(
-                glyph if share > 0 else "·" * len(glyph), style=f"rgb{_ratio_rgb(share, n)}" if share > 0 else "grey50"
+                glyph if share > 0 else "·" * len(glyph), style=f"rgb{ratio_rgb(share, n)}" if share > 0 else "grey50"
             )
         lines.append(row)
     return lines
@@ -62,7 +62,7 @@ def _grids(report: dict) -> list[Table]:
 def _legend() -> Text:
     text = Text("load vs uniform: ")
     for label, share in (("1/4x", 0.25), ("1/2x", 0.5), ("1x", 1.0), ("2x", 2.0), ("4x", 4.0)):
-        text.append("██", style=f"rgb{_ratio_rgb(share, 1)}")
+        text.append("██", style=f"rgb{ratio_rgb(share, 1)}")
         text.append(f" {label}  ")
     text.append("·", style="grey50")
     text.append(" dead")
@@ -91,7 +91,7 @@ def _histogram(rep: dict) -> Table:
             str(i),
             Text(_bar(before[i], scale), style="grey62"),
             f"{before[i]:.1%}",
-            Text(_bar(after[i], scale), style=f"rgb{_ratio_rgb(after[i], n)}" if after[i] > 0 else "grey50"),
+            Text(_bar(after[i], scale), style=f"rgb{ratio_rgb(after[i], n)}" if after[i] > 0 else "grey50"),
             f"{after[i]:.1%}",
         )
     t.caption = f"uniform share {1 / n:.1%}; shift {rep['shift']:.3f}; moved: {rep['changed_tokens']:.1%} of tokens"
@@ -104,7 +104,7 @@ def _columns(shares: list[float], scale: float, colour: bool, height: int = 6) -
     lines = [Text() for _ in range(height)]
     for share in shares:
         eighths = round(share / scale * height * 8) if scale > 0 else 0
-        style = (f"rgb{_ratio_rgb(share, n)}" if colour else "grey62") if share > 0 else "grey50"
+        style = (f"rgb{ratio_rgb(share, n)}" if colour else "grey62") if share > 0 else "grey50"
         for row in range(height):  # row 0 is the top line
             level = min(8, max(0, eighths - (height - 1 - row) * 8))
             glyph = "·" if share <= 0 and row == height - 1 else levels[level]
@@ -170,8 +170,8 @@ def _summary(report: dict) -> Table:
         alarms = sum(1 for x in report["alarms"] if x["layer"] == rep["layer"])
         row = [
             str(rep["layer"]),
-            _arrow(b["entropy"], a["entropy"]),
-            _arrow(b["cv"], a["cv"]),
+            arrow(b["entropy"], a["entropy"]),
+            arrow(b["cv"], a["cv"]),
             f"{b['max_share']:.0%}→{a['max_share']:.0%}",
             f"{b['dead']}→{a['dead']}",
             f"{rep['shift']:.2f}",

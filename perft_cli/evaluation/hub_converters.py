@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from perft_cli.errors import DataError
-from perft_cli.tasks import GET_FILES
+from perft_cli.evaluation.tasks import GET_FILES
 
 FORMAT = 1  # written to source.json; bump when a converter changes so that older caches are converted again
 CACHE_ENV = "PERFT_CACHE"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 
-from perft_cli.routing_style import _arrow, _hex, _ratio_rgb
+from perft_cli.routing_report.style import arrow, hex_colour, ratio_rgb
 
 
 def _svg_heatmap(rows: list[tuple[str, list[float]]], title: str, tips: list[list[str]], uniform: int) -> str:
@@ -19,7 +19,7 @@ def _svg_heatmap(rows: list[tuple[str, list[float]]], title: str, tips: list[lis
         y = top + r * ch
         parts.append(f'<text x="{left - 6}" y="{y + 12}" class="l" text-anchor="end">{html.escape(label)}</text>')
         for c, v in enumerate(values):
-            fill = _hex(_ratio_rgb(v, uniform))
+            fill = hex_colour(ratio_rgb(v, uniform))
             parts.append(
                 f'<rect x="{left + c * cw}" y="{y}" width="{cw - 1}" height="{ch - 1}" fill="{fill}">'
                 f"<title>{html.escape(tips[r][c])}</title></rect>"
@@ -93,7 +93,7 @@ def render_html(report: dict) -> str:
     body.append('<table class="meta">' + "".join(f"<tr><th>{k}</th><td>{esc(str(v))}</td></tr>" for k, v in meta))
     body.append("</table>")
     legend = "".join(
-        f'<span style="background:{_hex(_ratio_rgb(s, 1))}"></span>{lab}'
+        f'<span style="background:{hex_colour(ratio_rgb(s, 1))}"></span>{lab}'
         for lab, s in (("1/4x", 0.25), ("1/2x", 0.5), ("1x uniform", 1.0), ("2x", 2.0), ("4x", 4.0), ("dead", 0))
     )
     body.append(f'<p class="legend">load share vs uniform: {legend}</p>')
@@ -170,9 +170,9 @@ def _html_summary(report: dict) -> str:
         b, a = r["before"]["stats"], r["after"]["stats"]
         cells = [
             str(r["layer"]),
-            _arrow(b["entropy"], a["entropy"]),
-            _arrow(b["cv"], a["cv"]),
-            _arrow(b["max_share"], a["max_share"], "{:.1%}"),
+            arrow(b["entropy"], a["entropy"]),
+            arrow(b["cv"], a["cv"]),
+            arrow(b["max_share"], a["max_share"], "{:.1%}"),
             f"{b['dead']}→{a['dead']}",
             f"{r['shift']:.3f}",
             f"{r['changed_tokens']:.1%}",

@@ -1,77 +1,9 @@
-"""What a merge tells its user: the README.md model card written into the output and the terminal summary, and
-what ``--ckpt`` says when it is given a merge output (or any model folder) that is not a perft checkpoint.
-"""
+"""What a merge tells its user: the README.md model card written into the output and the terminal summary."""
 
 from __future__ import annotations
 
-import json
-import shlex
 from pathlib import Path
 from typing import Any
-
-from perft_cli.checkpoint import ADAPTER_FILE, RECIPE_FILE
-from perft_cli.errors import CheckpointError
-
-MERGE_FILE = "perft-merge.json"
-
-
-def check_ckpt_arg(ckpt: str | Path, command: str) -> None:
-    """A one-line CheckpointError when ``--ckpt`` names a file, a merged LoRA model or a plain model folder.
-
-    Those are not runs that have not saved yet (``resolve_checkpoint``'s advice): say what the path is and what
-    ``perft <command>`` can do with it. A run, a checkpoint, a PERFT export (a checkpoint itself) or a missing path
-    passes, for ``resolve_checkpoint`` to handle.
-    """
-    path = Path(ckpt)
-    if path.is_file():
-        raise CheckpointError(
-            f"--ckpt {str(path)!r} is a file; pass a run directory (the --output-dir of perft train) or one of its "
-            "checkpoints/step-N directories"
-        )
-    if not path.is_dir() or (path / ADAPTER_FILE).is_file() or not (path / "config.json").is_file():
-        return
-    info = _merge_info(path)
-    source = info.get("checkpoint") if info else None
-    merged_from = f" (its {MERGE_FILE} names {source!r})" if isinstance(source, str) else ""
-    if info is not None:
-        what = (
-            f"--ckpt {str(path)!r} is a merged LoRA model written by perft merge: a plain transformers model with "
-            "the LoRA weights folded in, no adapters to load"
-        )
-    else:
-        what = f"--ckpt {str(path)!r} is a model folder (config.json, no adapter.safetensors), not a perft checkpoint"
-    if command == "eval":
-        name = shlex.quote(f"model.name_or_path={path.resolve()}")
-        recipe = (
-            str(Path(source, RECIPE_FILE)) if isinstance(source, str) and Path(source, RECIPE_FILE).is_file() else ""
-        )
-        fix = (
-            f"evaluate it as a base model: perft eval --base --recipe {shlex.quote(recipe) if recipe else 'R.yaml'} "
-            f"--set {name}" + ("" if recipe else " (R.yaml: any recipe; --set replaces its model)")
-        )
-    elif command == "merge":
-        fix = (
-            "there is nothing left to merge: load it with AutoModelForCausalLM.from_pretrained, or merge the run it "
-            f"came from{merged_from}"
-            if info is not None
-            else "pass the run directory perft train wrote (or one of its checkpoints)"
-        )
-    else:  # inspect-routing compares the routing with the adapters attached and detached
-        fix = (
-            f"routing before and after fine-tuning needs the adapters: pass the run it was merged from{merged_from}"
-            if info is not None
-            else "pass the run directory perft train wrote (or one of its checkpoints)"
-        )
-    raise CheckpointError(f"{what}; {fix}")
-
-
-def _merge_info(path: Path) -> dict[str, Any] | None:
-    """The ``perft-merge.json`` of a LoRA merge output (folded weights, no adapter file), else None."""
-    try:
-        info = json.loads((path / MERGE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) and (info.get("folded") or info.get("variant") == "lora") else None
 
 
 def _eval_rows(data: Any) -> list[tuple[str, str, str]]:

@@ -12,23 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.markup import escape
 
-from perft_cli.console import err, human_bytes, human_count, info, is_main_process, out, warn
+from perft_cli.console import err, human_bytes, human_count, is_main_process, out, warn
+from perft_cli.training.collapse import COLLAPSE_STEPS
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
-COLLAPSE_STEPS = 20  # consecutive steps above train.collapse_share before a layer's router counts as collapsed
-
-
-def say(message: str) -> None:
-    """One line on stderr (rank 0), never wrapped; ``message`` is plain text (no markup)."""
-    info(escape(message))
-
-
-def caution(message: str) -> None:
-    """A warning line on stderr (rank 0), never wrapped; ``message`` is plain text."""
-    warn(escape(message))
 
 
 class MetricsLog:
@@ -70,61 +59,6 @@ def truncate_metrics(path: Path, step: int) -> None:
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-class CollapseWatch:
-    """Watches the PERFT-R routers' load and reports a layer once, when one expert dominates it for long.
-
-    A layer counts as collapsed at a step when one PERFT expert is chosen by more than ``share`` of the step's
-    tokens. With top-K routing (K > 1) the fraction of *assignments* an expert can take is capped at 1/K, so the
-    fraction of *tokens* choosing it is the measure that reaches 1 when the router stops routing. Layers with
-    K = N (every expert always chosen) are not watched.
-    """
-
-    def __init__(self, num_experts: int, top_k: int, share: float, steps: int = COLLAPSE_STEPS):
-        self.num_experts, self.top_k, self.share, self.steps = num_experts, top_k, share, steps
-        self.enabled = 0 < top_k < num_experts
-        self.counts: dict[int, torch.Tensor] = {}  # layer -> [N] tokens per expert this step
-        self.tokens = 0
-        self.streak: dict[int, int] = {}
-        self.reported: set[int] = set()
-
-    def add(self, index: list[tuple[int, torch.Tensor]], mask: torch.Tensor) -> None:
-        """One forward pass: index = recorder.index, (layer, [T, K]); mask [B, S] with 1 on real tokens."""
-        if not self.enabled:
-            return
-        from perft_cli.perft import expert_counts
-
-        flat = mask.reshape(-1)  # [T]
-        for layer, idx in index:
-            c = expert_counts(idx, self.num_experts, flat.to(idx.device)).cpu()  # [N]
-            self.counts[layer] = self.counts.get(layer, torch.zeros_like(c)) + c
-        self.tokens += int(flat.sum())
-
-    def end_step(self, step: int) -> tuple[float | None, list[dict[str, Any]]]:
-        """Close a step: (the largest expert's token share over layers, newly collapsed layers as events)."""
-        if not self.enabled or not self.counts:
-            return None, []
-        events, top = [], 0.0
-        for layer, c in sorted(self.counts.items()):
-            share = c.double() / max(self.tokens, 1)  # [N] fraction of tokens choosing each expert
-            s, e = float(share.max()), int(share.argmax())
-            top = max(top, s)
-            self.streak[layer] = self.streak.get(layer, 0) + 1 if s > self.share else 0
-            if self.streak[layer] >= self.steps and layer not in self.reported:
-                self.reported.add(layer)
-                events.append({"step": step, "event": "routing_collapse", "layer": layer, "expert": e, "share": s})
-        self.counts, self.tokens = {}, 0
-        return top, events
-
-    def state(self) -> dict[str, Any]:
-        """What a checkpoint keeps so that a resumed run warns at the same step as an uninterrupted one."""
-        return {"streak": {str(k): v for k, v in self.streak.items()}, "reported": sorted(self.reported)}
-
-    def load(self, state: dict[str, Any] | None) -> None:
-        if state:
-            self.streak = {int(k): int(v) for k, v in state.get("streak", {}).items()}
-            self.reported = {int(x) for x in state.get("reported", [])}
 
 
 class TrainProgress:
@@ -260,7 +194,7 @@ def warn_collapse(event: dict[str, Any], progress: TrainProgress, share: float) 
         f"{event['share']:.0%} of the tokens for {COLLAPSE_STEPS}+ steps (threshold train.collapse_share={share}); "
         "consider a larger adapter.router_aux_loss_coef"
     )
-    progress.note(f"[yellow]warning:[/] {message}") if progress.live else caution(message)
+    progress.note(f"[yellow]warning:[/] {message}") if progress.live else warn(message)
 
 
 class Timer:

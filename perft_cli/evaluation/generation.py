@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from perft_cli.evaluation.tasks import COMMONSENSE, Task, extract_answer, is_correct
 from perft_cli.prompts import eval_prompt, response_of
-from perft_cli.tasks import COMMONSENSE, Task, extract_answer, is_correct
 
 # Decoding of the reference (LLM-Adapters commonsense_evaluate.py / evaluate.py): a fresh GenerationConfig with
 # num_beams=4 and everything else at transformers' defaults (early_stopping False; temperature/top_p/top_k are

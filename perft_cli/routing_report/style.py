@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 
-def _ratio_rgb(share: float, n: int) -> tuple[int, int, int]:
+def ratio_rgb(share: float, n: int) -> tuple[int, int, int]:
     """Diverging colour of a load share relative to uniform (1/n): blue < 1x (white) < red, black when dead."""
     if share <= 0:
         return (0, 0, 0)
@@ -19,9 +19,9 @@ def _ratio_rgb(share: float, n: int) -> tuple[int, int, int]:
     return tuple(round(w + abs(t) * (e - w)) for w, e in zip(white, end, strict=True))
 
 
-def _hex(rgb: tuple[int, int, int]) -> str:
+def hex_colour(rgb: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
-def _arrow(a: float, b: float, fmt: str = "{:.2f}") -> str:
+def arrow(a: float, b: float, fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(a)}→{fmt.format(b)}"
