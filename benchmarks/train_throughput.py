@@ -35,7 +35,7 @@ def build(model_dir: Path, adapter: dict, run_dir: Path):
     from perft_cli.config import recipe_from_dict
     from perft_cli.data import Examples
     from perft_cli.modeling import load_model, load_tokenizer
-    from perft_cli.training.setup import setup_training
+    from perft_cli.training.setup import schedule_length, setup_training
     from perft_cli.training.state import Position
 
     recipe = recipe_from_dict(
@@ -60,15 +60,16 @@ def build(model_dir: Path, adapter: dict, run_dir: Path):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (BATCH * 64, SEQ), generator=gen).tolist()  # 64 batches of random tokens
     data = Examples(ids, ids)
+    schedule = schedule_length(recipe, len(data))
     run = setup_training(
-        recipe, run_dir, accelerator, model, family, attached, load_tokenizer(recipe.model), data, data
+        recipe, run_dir, accelerator, model, attached, load_tokenizer(recipe.model), data, data, schedule
     )
     return run, Position(data_seed=0)
 
 
 def timed_steps(run, pos, steps: int) -> float:
     """Seconds per optimizer step over ``steps`` steps of the real loop body."""
-    from perft_cli.training.progress import CollapseWatch
+    from perft_cli.training.collapse import CollapseWatch
     from perft_cli.training.step import apply_update, clip_gradients, next_micro_batches, train_step
 
     watch = CollapseWatch(run.attached.num_experts, run.attached.top_k, 0.9)
@@ -93,8 +94,7 @@ def lora_rank_for(model_dir: Path, target: int, run_dir: Path) -> int:
     config, family = load_config(ModelConfig(name_or_path=str(model_dir)))
     model = meta_model(config)
     cfg = AdapterConfig(variant="lora", rank=1)
-    attach_adapter(model, cfg, family)
-    per_rank = accounting(model, cfg, family)["activated_params"]
+    per_rank = accounting(model, attach_adapter(model, cfg, family))["activated_params"]
     return max(1, round(target / per_rank))
 
 

@@ -8,14 +8,14 @@ parameter names and the LoRA weights keep peft's ``lora_`` names).
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from perft_cli.arch import MoEFamily, find_moe_blocks
+from perft_cli.arch import MoEBlockRef, MoEFamily, find_moe_blocks
 from perft_cli.config import AdapterConfig
 from perft_cli.errors import ModelError, RecipeError
 from perft_cli.perft import (
@@ -25,21 +25,27 @@ from perft_cli.perft import (
     attach,
     count_params,
     detach,
+    is_adapter_param,
     load_adapter_state_dict,
 )
 
-LORA_PREFIX = "lora_"
+LORA_PREFIX = "lora_"  # peft's name for the baseline's weights (PERFT's own carry perft.PREFIX)
 
 
 @dataclass
 class Attached:
-    """What was attached: the recorder for PERFT-R routing and the adapter parameter counts."""
+    """What was attached: the MoE blocks found, the recorder for PERFT-R routing, the PEFT expert counts."""
 
     variant: str
+    family: MoEFamily
+    blocks: list[MoEBlockRef] = field(default_factory=list)
     recorder: RoutingRecorder = field(default_factory=RoutingRecorder)
-    moe_layers: int = 0
     num_experts: int = 0  # PEFT experts per layer (perft-r's N for its aux loss)
     top_k: int = 0
+
+    @property
+    def moe_layers(self) -> int:
+        return len(self.blocks)
 
 
 def perft_config(cfg: AdapterConfig) -> PerftConfig:
@@ -58,6 +64,19 @@ def perft_config(cfg: AdapterConfig) -> PerftConfig:
     )
 
 
+# --- the two kinds of adapter: the PERFT core's (perft/) and peft's LoRA baseline --------------------------------
+# Each kind is five small functions, picked once by ``_kind(variant)``: attach (and freeze the rest), detach,
+# state dict, load a state dict, and the trainable / activated counts.
+
+
+def _attach_perft(model: nn.Module, cfg: AdapterConfig, family: MoEFamily, info: Attached) -> None:
+    try:  # adapter.top_k against adapter.num_experts is checked with the recipe (config.py), the rest by the core
+        adapters = attach(model, info.blocks, perft_config(cfg), info.recorder)
+    except ValueError as e:
+        raise RecipeError(f"adapter: {e}") from None
+    info.num_experts, info.top_k = adapters[0].num_experts, adapters[0].top_k
+
+
 def _lora_targets(model: nn.Module, cfg: AdapterConfig, family: MoEFamily) -> list[str]:
     wanted = cfg.target_modules or list(family.lora_targets)
     present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -71,53 +90,86 @@ def _lora_targets(model: nn.Module, cfg: AdapterConfig, family: MoEFamily) -> li
     return targets
 
 
+def _attach_lora(model: nn.Module, cfg: AdapterConfig, family: MoEFamily, info: Attached) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.rank,
+        lora_dropout=cfg.dropout,
+        target_modules=_lora_targets(model, cfg, family),
+        bias="none",
+    )
+    inject_adapter_in_model(lora, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(LORA_PREFIX in name)
+        if LORA_PREFIX in name:
+            p.data = p.data.float()  # adapter weights in float32 on a bf16 base (method.md)
+
+
+def _detach_lora(model: nn.Module) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+
+
+def _lora_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if LORA_PREFIX in n}
+
+
+def _lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").contiguous() for n, p in _lora_params(model).items()}
+
+
+def _load_lora(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = _lora_params(model)
+    if set(params) != set(state):
+        raise KeyError(f"LoRA weights do not match the model ({len(state)} saved, {len(params)} expected)")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state[n].to(p.device, p.dtype))
+
+
+def _count_lora(model: nn.Module) -> dict[str, Any]:
+    trainable = sum(p.numel() for p in _lora_params(model).values())
+    return {"trainable": trainable, "activated": trainable, "per_layer": []}  # always on: activated = trainable
+
+
+@dataclass(frozen=True)
+class _Kind:
+    attach: Callable[[nn.Module, AdapterConfig, MoEFamily, Attached], None]
+    detach: Callable[[nn.Module], Any]
+    state: Callable[[nn.Module], dict[str, torch.Tensor]]
+    load: Callable[[nn.Module, dict[str, torch.Tensor]], None]
+    count: Callable[[nn.Module], dict[str, Any]]
+
+
+_KINDS = {
+    "perft": _Kind(_attach_perft, detach, adapter_state_dict, load_adapter_state_dict, count_params),
+    "lora": _Kind(_attach_lora, _detach_lora, _lora_state, _load_lora, _count_lora),
+}
+
+
+def _kind(variant: str) -> _Kind:
+    return _KINDS["lora" if variant == "lora" else "perft"]
+
+
+# --- what the commands call ------------------------------------------------------------------------------------
+
+
 def attach_adapter(model: nn.Module, cfg: AdapterConfig, family: MoEFamily) -> Attached:
     """Attach what ``cfg.variant`` names and freeze everything else."""
-    blocks = find_moe_blocks(model, family)
-    info = Attached(cfg.variant, moe_layers=len(blocks))
-    if cfg.variant == "lora":
-        from peft import LoraConfig, inject_adapter_in_model
-
-        lora = LoraConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.rank,
-            lora_dropout=cfg.dropout,
-            target_modules=_lora_targets(model, cfg, family),
-            bias="none",
-        )
-        inject_adapter_in_model(lora, model)
-        for name, p in model.named_parameters():
-            p.requires_grad_(LORA_PREFIX in name)
-            if LORA_PREFIX in name:
-                p.data = p.data.float()  # adapter weights in float32 on a bf16 base (method.md)
-        return info
-    base_e = blocks[0].num_experts
-    if cfg.variant == "perft-r" and cfg.top_k > cfg.num_experts:
-        raise RecipeError(f"adapter.top_k={cfg.top_k} is larger than adapter.num_experts={cfg.num_experts}")
-    try:
-        adapters = attach(model, blocks, perft_config(cfg), info.recorder)
-    except ValueError as e:
-        raise RecipeError(f"adapter: {e}") from None
-    info.num_experts, info.top_k = adapters[0].num_experts, adapters[0].top_k
-    assert cfg.variant != "perft-e" or info.num_experts == base_e
+    info = Attached(cfg.variant, family, blocks=find_moe_blocks(model, family))
+    _kind(cfg.variant).attach(model, cfg, family, info)
     return info
 
 
 def detach_adapter(model: nn.Module, variant: str) -> None:
     """Remove the adapters (the LoRA baseline is unloaded back to the plain Linear layers)."""
-    if variant == "lora":
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for name, module in list(model.named_modules()):
-            if isinstance(module, BaseTunerLayer):
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name), child, module.get_base_layer())
-        return
-    detach(model)
-
-
-def is_adapter_param(name: str) -> bool:
-    return "perft_" in name or LORA_PREFIX in name
+    _kind(variant).detach(model)
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -126,48 +178,30 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def adapter_state(model: nn.Module, variant: str) -> dict[str, torch.Tensor]:
     """Only what was trained, by full parameter name, on the CPU."""
-    if variant != "lora":
-        return adapter_state_dict(model)
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if LORA_PREFIX in n}
+    return _kind(variant).state(model)
 
 
 def load_adapter_state(model: nn.Module, variant: str, state: dict[str, torch.Tensor]) -> None:
     try:
-        if variant != "lora":
-            load_adapter_state_dict(model, state)
-            return
-        params = {n: p for n, p in model.named_parameters() if LORA_PREFIX in n}
-        if set(params) != set(state):
-            raise KeyError(f"LoRA weights do not match the model ({len(state)} saved, {len(params)} expected)")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(state[n].to(p.device, p.dtype))
+        _kind(variant).load(model, state)
     except KeyError as e:
         raise ModelError(f"{e.args[0]}; was the checkpoint trained with another adapter or model?") from None
 
 
-def _numel(p: torch.Tensor) -> int:
-    """Logical parameter count: a 4-bit tensor stores two weights per byte; its quant_state keeps the real shape."""
-    state = getattr(p, "quant_state", None)
-    return int(math.prod(state.shape)) if state is not None else p.numel()
-
-
-def accounting(model: nn.Module, cfg: AdapterConfig, family: MoEFamily) -> dict[str, Any]:
+def accounting(model: nn.Module, attached: Attached) -> dict[str, Any]:
     """Parameter accounting by method.md: adapter trainable / activated per token, base total / activated."""
-    blocks = find_moe_blocks(model, family)
-    base_total = sum(_numel(p) for n, p in model.named_parameters() if not is_adapter_param(n))
+    from perft_cli.quant.nf4 import logical_numel  # a 4-bit tensor counts the weights it stands for
+
+    blocks = attached.blocks
+    base_total = sum(logical_numel(p) for n, p in model.named_parameters() if not is_adapter_param(n))
     base_active = base_total
     for b in blocks:
         # Fused routed experts: a token touches k of E experts (platform.md: count numel * k / E).
-        n = sum(_numel(p) for p in b.experts.parameters())
+        n = sum(logical_numel(p) for p in b.experts.parameters())
         base_active -= n - n * b.top_k // b.num_experts
-    if cfg.variant == "lora":
-        trainable = sum(p.numel() for n, p in model.named_parameters() if LORA_PREFIX in n)
-        adapter = {"trainable": trainable, "activated": trainable, "per_layer": []}
-    else:
-        adapter = count_params(model)
+    adapter = _kind(attached.variant).count(model)
     return {
-        "variant": cfg.variant,
+        "variant": attached.variant,
         "moe_layers": len(blocks),
         "base_num_experts": blocks[0].num_experts,
         "base_top_k": blocks[0].top_k,

@@ -9,7 +9,10 @@ answer (404, 401 for a gated repository, ...) means the hub is there: nothing ch
 
 from __future__ import annotations
 
-PROBE_TIMEOUT_S = 10.0
+import contextlib
+from typing import Any
+
+PROBE_TIMEOUT_S = 10.0  # the one request before models, training sets and test sets are read from the hub
 _unreachable: dict[tuple[str, str], str | None] = {}  # (repo type, id) -> why the hub could not be reached
 
 
@@ -18,22 +21,37 @@ def probe(repo_id: str, repo_type: str = "model", revision: str | None = None) -
 
     Returns the remembered reason without a request once offline mode is on (set by the user or by a probe).
     """
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import constants
 
     key = (repo_type, repo_id)
     if key in _unreachable or constants.is_offline_mode():
         return _unreachable.get(key)
+    # An HTTP answer (404, 401 for a gated repository) means the hub is there: the library reports it later.
+    with contextlib.suppress(Exception):
+        repo_info(repo_id, repo_type, revision)
+    return _unreachable.get(key)
+
+
+def repo_info(repo_id: str, repo_type: str = "model", revision: str | None = None) -> Any:
+    """The hub's info on a repository (its ``sha`` is the commit), in one request without retries.
+
+    When the network itself fails (no DNS, no route, timeout), the reason is remembered for ``unreachable`` and this
+    process goes offline (``go_offline``) before the error is raised again.
+    """
+    from huggingface_hub import HfApi
+
+    key = (repo_type, repo_id)
     _unreachable[key] = None
     api = HfApi()
     info = api.dataset_info if repo_type == "dataset" else api.model_info
     try:
-        info(repo_id, revision=revision, timeout=PROBE_TIMEOUT_S)
+        return info(repo_id, revision=revision, timeout=PROBE_TIMEOUT_S)
     except Exception as e:  # httpx's transport errors, or OSError, when the network fails
         kinds = {c.__name__ for c in type(e).__mro__}
         if kinds & {"TransportError", "TimeoutException", "ConnectionError"}:
             _unreachable[key] = f"{type(e).__name__}: {' '.join(str(e).split()) or type(e).__name__}"
             go_offline()
-    return _unreachable[key]
+        raise
 
 
 def unreachable(repo_id: str, repo_type: str = "model") -> str | None:

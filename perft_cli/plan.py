@@ -39,8 +39,7 @@ def run_plan(recipe: Recipe) -> dict[str, Any]:
 
     config, family = load_config(recipe.model)
     model = meta_model(config, DTYPES[recipe.model.dtype])
-    attach_adapter(model, recipe.adapter, family)
-    acc = accounting(model, recipe.adapter, family)
+    acc = accounting(model, attach_adapter(model, recipe.adapter, family))
     weights = estimate_bytes(model, quantization=recipe.model.quantization, double_quant=recipe.model.double_quant)
     optimizer = acc["trainable_params"] * ADAMW_BYTES
     acts = activation_bytes(

@@ -72,11 +72,11 @@ def run_train(recipe: Recipe, *, resume: str | None = None, dry_run: bool = Fals
 
         tokenizer = load_tokenizer(recipe.model)
         train_set, val_set, source = load_examples(recipe.data, tokenizer)
-        schedule_length(recipe, len(train_set))  # too few examples for one batch: say so before loading the model
+        schedule = schedule_length(recipe, len(train_set))  # too few examples for a batch: said before the model loads
         model, family = load_model(recipe.model)
         attached = attach_adapter(model, recipe.adapter, family)
         check_quantized(model, recipe)
-        run = setup_training(recipe, run_dir, accelerator, model, family, attached, tokenizer, train_set, val_set)
+        run = setup_training(recipe, run_dir, accelerator, model, attached, tokenizer, train_set, val_set, schedule)
         commit_run_dir(run_dir, recipe, resume_from)
         check_eval_tasks(recipe)
     except BaseException:
@@ -249,13 +249,13 @@ def run_dry_run(recipe: Recipe, *, as_json: bool) -> dict[str, Any]:
     from perft_cli.quant import audit, check_audit, format_audit_table
 
     model, family = load_model(recipe.model)
-    attach_adapter(model, recipe.adapter, family)
+    attached = attach_adapter(model, recipe.adapter, family)
     result = {
         "model": recipe.model.name_or_path,
         "family": family.display,
         "variant": recipe.adapter.variant,
         **audit(model, quantization=recipe.model.quantization),
-        "accounting": accounting(model, recipe.adapter, family),
+        "accounting": accounting(model, attached),
     }
     if as_json:
         print_json(result)

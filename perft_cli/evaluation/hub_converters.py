@@ -23,25 +23,23 @@ commonsense files start with the hub's first rows; the arithmetic files are shuf
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from perft_cli.errors import DataError
+from perft_cli.errors import DataError, PerftError
 from perft_cli.evaluation.tasks import GET_FILES
+from perft_cli.outputs import write_text_atomic
 
 FORMAT = 1  # written to source.json; bump when a converter changes so that older caches are converted again
 CACHE_ENV = "PERFT_CACHE"
 NOT_BYTE_VERIFIED = frozenset({"hellaswag"})  # converters with no LLM-Adapters file here to check them against
 MIRROR_ENV = "PERFT_HUB_TASKS_DIR"
-PROBE_TIMEOUT_S = 15.0  # the request for the dataset's commit
 OFFLINE_VARS, TRUE = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"), ("1", "ON", "YES", "TRUE")
 
 Row = dict[str, Any]
@@ -239,10 +237,11 @@ def hub_test_file(name: str, missing: str) -> Path:
     meta = dict(format=FORMAT, task=name, repo=src.repo, config=src.config, splits=list(src.splits), rows=len(records),
                 created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **origin)  # fmt: skip
     try:  # source.json last: it marks the cache complete (an interrupted conversion is done again)
-        _write_atomic(target, json.dumps(records, indent=4, ensure_ascii=False) + "\n")
-        _write_atomic(target.with_name("source.json"), json.dumps(meta, indent=2) + "\n")
-    except OSError as e:
-        raise DataError(f"cannot write {target}: {e.strerror or e}; set {CACHE_ENV} to a writable folder") from None
+        write_text_atomic(target, json.dumps(records, indent=4, ensure_ascii=False) + "\n")
+        write_text_atomic(target.with_name("source.json"), json.dumps(meta, indent=2) + "\n")
+    except (OSError, PerftError) as e:
+        why = getattr(e, "strerror", None) or e
+        raise DataError(f"cannot write {target}: {why}; set {CACHE_ENV} to a writable folder") from None
     from perft_cli.console import info
 
     info(f"{name}: converted {len(records)} rows of {src.describe()} to LLM-Adapters records: {target}")
@@ -282,10 +281,10 @@ def _load_rows(src: HubSource) -> tuple[list[Row], dict[str, Any]]:
         # The datasets cache only (the library refuses the network; it reads the variables when first imported).
         where, revision, origin = src.repo, src.revision, {"revision": src.revision, "offline": True}
     else:  # one request for the commit (no retries: an unreachable hub fails at once); every split is read from it
-        from huggingface_hub import HfApi
+        from perft_cli import hub
 
         try:
-            revision = HfApi().dataset_info(src.repo, revision=src.revision, timeout=PROBE_TIMEOUT_S).sha
+            revision = hub.repo_info(src.repo, "dataset", src.revision).sha
         except Exception as e:  # no network, unknown repository, gated, ...
             raise _Unavailable(f"{type(e).__name__}: {_line(e)}") from None
         where, origin = src.repo, {"revision": revision}
@@ -302,18 +301,3 @@ def _load_rows(src: HubSource) -> tuple[list[Row], dict[str, Any]]:
 def _line(e: BaseException) -> str:
     """An exception's message on one line (the CLI prints user errors as one line)."""
     return re.sub(r"\s+", " ", str(e)).strip() or type(e).__name__
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -9,6 +9,7 @@ from perft_cli.perft.inject import (
     count_params,
     detach,
     freeze_base,
+    is_adapter_param,
     load_adapter_state_dict,
 )
 from perft_cli.perft.routing import expert_counts, load_balancing_loss, load_stats, topk_indices, topk_route
@@ -26,6 +27,7 @@ __all__ = [
     "detach",
     "expert_counts",
     "freeze_base",
+    "is_adapter_param",
     "load_adapter_state_dict",
     "load_balancing_loss",
     "load_stats",

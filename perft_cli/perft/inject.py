@@ -16,6 +16,13 @@ from perft_cli.perft.block import PerftAdapter, PerftConfig, RoutingRecorder
 
 PREFIX = "perft_"
 ATTR = "perft_adapter"
+# Every adapter weight perft trains carries one of these in its name: PERFT's own prefix, or peft's for the LoRA
+# baseline. "Is this an adapter parameter?" is this one name test everywhere (accounting, audit, lm-eval summary).
+ADAPTER_MARKERS = (PREFIX, "lora_")
+
+
+def is_adapter_param(name: str) -> bool:
+    return any(m in name for m in ADAPTER_MARKERS)
 
 
 class BlockRef(Protocol):

@@ -16,6 +16,7 @@ from perft_cli.config import Recipe
 from perft_cli.console import info, is_main_process, warn
 from perft_cli.data import Examples, fingerprint
 from perft_cli.errors import CheckpointError, DataError, RecipeError
+from perft_cli.outputs import write_text_atomic
 from perft_cli.training.resume import check_resumable, check_resume_compatible, find_resume
 
 
@@ -109,9 +110,7 @@ def commit_run_dir(run_dir: Path, recipe: Recipe, ckpt: Path | None) -> None:
                 f"resuming from step {step}: this run's later checkpoints belong to the abandoned continuation "
                 f"and were moved to {moved}"
             )
-    tmp = run_dir / f".tmp-{ck.RECIPE_FILE}"
-    tmp.write_text(recipe.to_yaml())
-    os.replace(tmp, run_dir / ck.RECIPE_FILE)
+    write_text_atomic(run_dir / ck.RECIPE_FILE, recipe.to_yaml())
 
 
 def make_accelerator(recipe: Recipe, run_dir: Path):
@@ -198,13 +197,16 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def setup_training(recipe, run_dir, accelerator, model, family, attached, tokenizer, train_set, val_set) -> Run:
-    """Aux-loss coefficients, activation checkpointing, AdamW over the adapter only, the LR schedule, prepare."""
+def setup_training(recipe, run_dir, accelerator, model, attached, tokenizer, train_set, val_set, schedule) -> Run:
+    """Aux-loss coefficients, activation checkpointing, AdamW over the adapter only, the LR schedule, prepare.
+
+    ``schedule`` is ``schedule_length(recipe, len(train_set))``, computed once before the model loads.
+    """
     from transformers import get_linear_schedule_with_warmup
 
     from perft_cli.adapters import accounting, trainable_parameters
 
-    base_coef, base_source = base_aux_coef(model, recipe, family)
+    base_coef, base_source = base_aux_coef(model, recipe, attached.family)
     perft_coef = recipe.adapter.router_aux_loss_coef if attached.variant == "perft-r" else None
     model.config.use_cache = False  # no KV cache while training
     if recipe.train.gradient_checkpointing:
@@ -216,7 +218,7 @@ def setup_training(recipe, run_dir, accelerator, model, family, attached, tokeni
     else:
         prepared, device = accelerator.prepare_model(model), accelerator.device
     optimizer = accelerator.prepare_optimizer(optimizer)
-    steps_per_epoch, total_steps = schedule_length(recipe, len(train_set))
+    steps_per_epoch, total_steps = schedule
     # Linear warmup, then linear decay to 0. Not passed through accelerator.prepare: its wrapper would step the
     # schedule once per process per optimizer step.
     scheduler = get_linear_schedule_with_warmup(optimizer.optimizer, recipe.train.warmup_steps, total_steps)
@@ -240,7 +242,7 @@ def setup_training(recipe, run_dir, accelerator, model, family, attached, tokeni
         val_set=val_set,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
-        accounting=accounting(model, recipe.adapter, family),
+        accounting=accounting(model, attached),
         data_fingerprint=fingerprint(train_set),
     )
 

@@ -34,7 +34,7 @@ class Position:
     last_eval: int | None = None
     last_loss: float | None = None
     collapse: dict[str, Any] | None = None  # CollapseWatch.state() after the last step
-    _order: tuple[int, list[list[int]]] | None = field(default=None, repr=False)
+    epoch_order: tuple[int, list[list[int]]] | None = field(default=None, repr=False)  # (epoch, its batches): a cache
 
     def progress(self, steps_per_epoch: int) -> float:
         return self.epoch + self.batch / steps_per_epoch

@@ -30,12 +30,12 @@ class TrainingError(PerftError):
 def next_micro_batches(run: Run, pos: Position) -> list[list[int]]:
     """This process's micro-batches (example indices) of the step at ``pos``."""
     t = run.recipe.train
-    if pos._order is None or pos._order[0] != pos.epoch:
+    if pos.epoch_order is None or pos.epoch_order[0] != pos.epoch:
         lengths = run.train_set.lengths()
         batches = epoch_batches(lengths, t.batch_size, pos.data_seed, pos.epoch, run.recipe.data.group_by_length)
-        pos._order = (pos.epoch, batches)
+        pos.epoch_order = (pos.epoch, batches)
     a = run.accelerator
-    return rank_micro_batches(pos._order[1][pos.batch], a.process_index, a.num_processes, t.micro_batch_size)
+    return rank_micro_batches(pos.epoch_order[1][pos.batch], a.process_index, a.num_processes, t.micro_batch_size)
 
 
 def label_count(batch: dict[str, torch.Tensor]) -> int:
