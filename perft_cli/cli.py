@@ -179,8 +179,6 @@ def train(
     Ctrl-C finishes the current step, saves a checkpoint and exits with code 130; --resume auto continues it.
     """
     from perft_cli.config import load_recipe
-    from perft_cli.console import info
-    from perft_cli.train import run_train
 
     if json_ and not dry_run:
         raise PerftError("--json only applies with --dry-run (training writes metrics.jsonl and summary.json)")
@@ -189,6 +187,9 @@ def train(
     loaded = load_recipe(recipe, list(set_ or []))
     if output_dir is not None:  # a path as given: not YAML ("run #2", "2024" and "yes" are directory names)
         loaded = loaded.model_copy(update={"output_dir": str(output_dir)})
+    from perft_cli.console import info
+    from perft_cli.train import run_train  # torch and transformers: only once the recipe is known to be right
+
     result = run_train(loaded, resume=resume, dry_run=dry_run, as_json=json_)
     if result.get("status") == "interrupted":
         again = ["perft", "train", str(recipe)]
@@ -211,11 +212,12 @@ def plan(
 ) -> None:
     """Count parameters (trainable, activated per token, total) and estimate training memory from config.json alone."""
     from perft_cli.config import load_recipe
-    from perft_cli.console import print_json
-    from perft_cli.plan import run_plan
-    from perft_cli.report import print_plan
 
-    result = run_plan(load_recipe(recipe, list(set_ or [])))
+    loaded = load_recipe(recipe, list(set_ or []))
+    from perft_cli.console import print_json
+    from perft_cli.plan import print_plan, run_plan  # torch and transformers: only once the recipe is right
+
+    result = run_plan(loaded)
     print_json(result) if json_ else print_plan(result)
 
 

@@ -57,8 +57,6 @@ def run_eval(
     lm_eval_include: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (or the frozen base) and write the results JSON (+ per-example JSON Lines)."""
-    from perft_cli.modeling import load_trained
-
     if mode not in ("generation", "lm-eval"):
         raise PerftError(f"--mode {mode!r}: expected 'generation' (the paper's protocol) or 'lm-eval'")
     if mode == "lm-eval":
@@ -92,6 +90,8 @@ def run_eval(
     else:  # find the lm-eval tasks before loading the model
         lm_tasks = lm_eval_mode.task_manager(names, lm_eval_include)
     try:
+        from perft_cli.modeling import load_trained  # torch and transformers: once the arguments are known right
+
         with atomic_file(json_file) as json_tmp, atomic_file(examples_file) as examples_tmp:
             model, tokenizer, recipe, _, _ = load_trained(ckpt_path, base=base, recipe=recipe)
             _place(model)

@@ -27,9 +27,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from perft_cli.checkpoint import (
     ADAPTER_FILE,
@@ -42,10 +40,11 @@ from perft_cli.checkpoint import (
     run_dir_of,
 )
 from perft_cli.errors import CheckpointError, PerftError
-from perft_cli.merging import fold
 from perft_cli.merging.card import model_card, print_merge
-from perft_cli.merging.verification import sample_logits, verify
 from perft_cli.outputs import check_output_parent, create_parents, remove_empty
+
+if TYPE_CHECKING:  # torch and transformers are imported once the arguments are known to be right
+    import torch
 
 
 def load_merged(path: str | Path) -> tuple[Any, Any]:
@@ -85,7 +84,6 @@ def _check_out(out: Path, ckpt: Path, force: bool) -> None:
 def run_merge(ckpt: Path, out: Path, force: bool = False) -> dict[str, Any]:
     """Merge (LoRA) or export (PERFT), verify against the unmerged model, write OUT atomically, print a summary."""
     from perft_cli.console import info
-    from perft_cli.modeling import load_trained
 
     check_ckpt_arg(ckpt, "merge")  # a file, an earlier merge's output: say so (not "has the run saved yet?")
     path = resolve_checkpoint(ckpt)
@@ -103,6 +101,9 @@ def run_merge(ckpt: Path, out: Path, force: bool = False) -> dict[str, Any]:
             f"the run trained on a {recipe.model.quantization} (4-bit) base; the base is exported unquantized in "
             f"{dtype}, exactly the original weights (the adapters saw their 4-bit reconstruction in training)"
         )
+    from perft_cli.merging.verification import sample_logits, verify  # torch: once the arguments are known right
+    from perft_cli.modeling import load_trained
+
     info(f"loading {recipe.model.name_or_path} ({dtype}) and the {variant} adapter from {path}")
     model, tokenizer, _, family, _ = load_trained(path, recipe=base)  # in eval mode
     reference = sample_logits(model, tokenizer)  # [P, V] the unmerged model
@@ -161,6 +162,8 @@ def _fold_or_export(
 ) -> tuple[str, torch.Tensor | None, float | None]:
     """Write the model files into ``tmp``. Returns (what was done, folded model's logits or None, fold error)."""
     from perft_cli.adapters import adapter_state, detach_adapter
+    from perft_cli.merging import fold
+    from perft_cli.merging.verification import sample_logits
 
     variant, dtype = recipe.adapter.variant, recipe.model.dtype
     if variant == "lora":

@@ -1,12 +1,15 @@
-"""``perft plan``: parameter accounting and a training-memory estimate from config.json alone (meta device)."""
+"""``perft plan``: parameter accounting and a training-memory estimate from config.json alone (meta device), and
+its rich rendering (``print_plan``; the same numbers are the ``--json`` object)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from rich.table import Table
+
 from perft_cli.adapters import accounting, attach_adapter
 from perft_cli.config import Recipe, ignored_keys
-from perft_cli.console import warn
+from perft_cli.console import human_bytes, human_count, out, warn
 from perft_cli.modeling import DTYPES, load_config, meta_model
 
 # fp32 gradient, exp_avg and exp_avg_sq per trainable parameter (its fp32 weight is in the "adapters" weight group).
@@ -70,3 +73,39 @@ def run_plan(recipe: Recipe) -> dict[str, Any]:
         "memory": memory,
         "unused_keys": unused,
     }
+
+
+def print_plan(plan: dict[str, Any]) -> None:
+    """Parameter accounting and memory estimate of ``perft plan``."""
+    t = Table(title=f"perft plan: {plan['model']} ({plan['family']}, {plan['moe_layers']} MoE layers)")
+    t.add_column("what")
+    t.add_column("parameters", justify="right")
+    t.add_column("exact", justify="right")
+    rows = [
+        (f"adapter trainable ({plan['variant']})", plan["trainable_params"]),
+        ("adapter activated per token (routers incl.)", plan["activated_params"]),
+        ("base model total (frozen)", plan["base_total_params"]),
+        ("base model activated per token", plan["base_activated_params"]),
+        ("total", plan["total_params"]),
+    ]
+    for label, n in rows:
+        t.add_row(label, human_count(n), f"{n:,}")
+    t.caption = f"trainable = {plan['trainable_percent']:.4f}% of the base"
+    out.print(t)
+    mem = plan["memory"]
+    m = Table(title="training memory estimate (per process)")
+    m.add_column("part")
+    m.add_column("bytes", justify="right")
+    for group, g in mem["groups"].items():
+        m.add_row(f"weights: {group}", human_bytes(g["bytes"]))
+    m.add_row("[bold]weights[/]", human_bytes(mem["weights_bytes"]))
+    m.add_row("adapter gradients + AdamW state", human_bytes(mem["adapter_grad_optimizer_bytes"]))
+    m.add_row("activations (rough)", human_bytes(mem["activation_bytes"]))
+    m.add_row("[bold]total[/]", human_bytes(mem["total_bytes"]))
+    a = mem["assumes"]
+    m.caption = (
+        f"{a['quantization']} weights (all-bf16 size {human_bytes(mem['weights_bf16_bytes'])}), micro-batch "
+        f"{a['micro_batch_size']} x {a['seq_len']} tokens, activation checkpointing "
+        f"{'on' if a['gradient_checkpointing'] else 'off'}"
+    )
+    out.print(m)

@@ -327,3 +327,50 @@ def test_usage_errors_through_the_entry_point():
     assert version.returncode == 0 and version.stdout.startswith("perft ")
     bare = _perft()  # no command: the help (Click's no_args_is_help), as before
     assert "Usage" in bare.stdout + bare.stderr and "error:" not in bare.stdout + bare.stderr
+
+
+PROBE_IMPORTS = """
+import sys
+from perft_cli.cli import main
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+heavy = sorted(m for m in ("torch", "transformers", "accelerate", "peft", "datasets") if m in sys.modules)
+print("heavy imports:", ",".join(heavy) or "none", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["train", "{typo}"], "unknown key 'adapter.varaint' (did you mean 'variant'?)"),
+        (["plan", "{typo}"], "unknown key 'adapter.varaint'"),
+        (["train", "{good}", "--set", "adapter.rank=oops"], "adapter.rank"),
+        (["train", "{typo}", "--bogus"], "no such option: --bogus"),
+        (["train", "{missing}"], "not found"),
+        (["eval", "--ckpt", "{missing}"], "does not exist"),
+        (["merge", "--ckpt", "{missing}", "--out", "{tmp}/out"], "does not exist"),
+        (["inspect-routing", "--ckpt", "{missing}"], "does not exist"),
+    ],
+)
+def test_argument_errors_are_answered_before_torch_is_imported(tmp_path, args, expected):
+    """A typo costs well under a second: the one-line answer comes before torch and transformers are imported."""
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model: {name_or_path: some/model}\nadapter: {varaint: perft-r}\ndata: {train: d.json}\n")
+    good = tmp_path / "good.yaml"
+    good.write_text("model: {name_or_path: some/model}\ndata: {train: d.json}\n")
+    fill = {"typo": str(typo), "good": str(good), "missing": str(tmp_path / "nope"), "tmp": str(tmp_path)}
+    env = {k: v for k, v in os.environ.items() if k != "PERFT_DEBUG"}
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE_IMPORTS, *[a.format(**fill) for a in args]],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1, r.stderr
+    assert lines[-1] == "heavy imports: none", r.stderr
+    assert len(lines) == 2 and lines[0].startswith("error:") and expected in lines[0], r.stderr

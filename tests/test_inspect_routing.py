@@ -16,9 +16,10 @@ from typer.testing import CliRunner
 from perft_cli.arch import FAMILIES
 from perft_cli.cli import app
 from perft_cli.errors import PerftError
-from perft_cli.inspect_routing import find_alarms, inspect, layer_report
+from perft_cli.inspect_routing import inspect
 from perft_cli.prompts import train_prompt
 from perft_cli.routing_report import print_report
+from perft_cli.routing_report.counting import find_alarms, layer_report
 
 RECORDS = [
     {"instruction": f"What is {i} times {i + 3}? Think step by step.", "input": "", "output": f"It is {i * (i + 3)}."}

@@ -16,7 +16,6 @@ from perft_cli import dist_version
 from perft_cli.console import pct
 from perft_cli.errors import PerftError
 from perft_cli.evaluation.tasks import known_task
-from perft_cli.perft.inject import is_adapter_param
 
 LM_EVAL_NAMES = {  # our task names -> lm-evaluation-harness task names
     "boolq": "boolq",
@@ -147,6 +146,8 @@ def run_lm_eval(
         for name, samples in (out.get("samples") or {}).items():
             for sample in sorted(samples, key=lambda s: s.get("doc_id", 0)):
                 fh.write(json.dumps(_lm_eval_row(name, sample), default=_plain) + "\n")
+    from perft_cli.perft.inject import is_adapter_param
+
     adapter_params = sum(p.numel() for n, p in model.named_parameters() if is_adapter_param(n))
     return dict(
         protocol="lm-eval",

@@ -2,7 +2,8 @@
 
 Presentation only: every number shown here is in the report dict (``--json``). Each rendering has its own module:
 ``terminal`` (``print_report``), ``html`` (``render_html``) and ``plot`` (``render_png``), all on the one colour
-scale of ``style``; this package's entry point gathers them.
+scale of ``style``; this package's entry point gathers them. ``counting`` computes the report's numbers (the routing
+passes and per-layer statistics, torch), imported by the command only when it runs.
 """
 
 from __future__ import annotations
