@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up perft on a fresh CPU machine: a .venv with the pinned CPU torch first (an unpinned torch pulls several GB of
-# CUDA packages), then the project with its dev extras. Idempotent: a second run only re-checks the install.
-# Usage: bash scripts/setup.sh        (GPU machines: install the torch build for your CUDA first, then this)
+# CUDA packages), then the project with its dev extras at the exact versions it is tested with (constraints.txt;
+# pyproject.toml keeps the supported ranges). Idempotent: a second run only re-checks the install.
+# Usage: bash scripts/setup.sh        (GPU machines: install torch 2.13.0 built for your CUDA first, then this)
+# Newest releases inside pyproject's ranges instead, in a separate .venv-latest: bash scripts/test_latest.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,5 +11,10 @@ PY=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+# A version conflict with constraints.txt fails the script (its pip output shown), instead of passing unnoticed.
+if ! out=$(.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]" 2>&1); then
+  printf '%s\n' "$out" >&2
+  exit 1
+fi
+printf '%s\n' "$out" | grep -v -e "^WARNING: Location" -e "^$" || true
 .venv/bin/python -c "import perft_cli, torch, transformers; print(f'perft {perft_cli.__version__}: torch {torch.__version__}, transformers {transformers.__version__}')"
