@@ -18,7 +18,7 @@ from typing import Any
 from perft_cli import checkpoint as ck
 from perft_cli import testing_hooks
 from perft_cli.config import Recipe
-from perft_cli.console import is_main_process, out, print_json, warn
+from perft_cli.console import human_bytes, is_main_process, out, print_json, warn
 from perft_cli.training.collapse import CollapseWatch
 from perft_cli.training.progress import (
     MetricsLog,
@@ -246,7 +246,7 @@ def run_dry_run(recipe: Recipe, *, as_json: bool) -> dict[str, Any]:
     """
     from perft_cli.adapters import accounting, attach_adapter
     from perft_cli.modeling import load_model
-    from perft_cli.quant import audit, check_audit, format_audit_table
+    from perft_cli.quant import audit, check_audit
 
     model, family = load_model(recipe.model)
     attached = attach_adapter(model, recipe.adapter, family)
@@ -280,3 +280,37 @@ def print_accounting(acc: dict[str, Any]) -> None:
     ):
         t.add_row(label, f"{acc[key]:,}")
     out.print(t)
+
+
+def format_audit_table(audit_dict: dict):
+    """A rich Table of an audit (or estimate) dict, one row per group plus the total against bf16."""
+    from rich.table import Table
+
+    from perft_cli.quant import GROUPS
+
+    table = Table(title=f"Model memory ({audit_dict['quantization']})")
+    table.add_column("group")
+    table.add_column("params", justify="right")
+    table.add_column("size", justify="right")
+    table.add_column("B/param", justify="right")
+    table.add_column("dtypes")
+    for g in GROUPS:
+        row = audit_dict[g]
+        if row["params"]:
+            table.add_row(
+                g,
+                f"{row['params']:,}",
+                human_bytes(row["bytes"]),
+                f"{row['bytes_per_param']:.3f}",
+                ", ".join(row["dtypes"]),
+            )
+    total, bf16 = audit_dict["total_bytes"], audit_dict["bf16_bytes"]
+    table.add_section()
+    table.add_row(
+        "total",
+        f"{audit_dict['total_params']:,}",
+        human_bytes(total),
+        f"{total / max(audit_dict['total_params'], 1):.3f}",
+        f"{total / max(bf16, 1):.0%} of bf16 ({human_bytes(bf16)})",
+    )
+    return table

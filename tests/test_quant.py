@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import bitsandbytes.functional as bnbf
 import pytest
@@ -23,7 +24,6 @@ from perft_cli.quant import (
     check_audit,
     dequantize_nf4,
     estimate_bytes,
-    format_audit_table,
     is_nf4,
     load_model_nf4,
     quantize_experts_,
@@ -33,6 +33,7 @@ from perft_cli.quant import loader as quant_loader
 from perft_cli.quant import nf4 as nf4_mod
 from perft_cli.quant.experts import EXPERT_WEIGHTS, is_experts_module
 from perft_cli.tiny import FAMILIES, save_tiny, tiny_model
+from perft_cli.train import format_audit_table
 
 # Relative logit error of NF4 against bf16 on these tiny random models, measured over 4 input seeds: experts only
 # 0.7-5% and all-NF4 9-14% for six families (attention quantization costs more: q/k-norm amplifies its error, see
@@ -74,6 +75,22 @@ def input_grad(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch
     logits = model(inputs_embeds=emb).logits.float()  # [B, S, V]
     logits.pow(2).mean().backward()
     return logits.detach(), emb.grad
+
+
+def kept_fp32(model: nn.Module, name: str) -> bool:
+    """Does the model's class make transformers load parameter ``name`` in float32 when bf16 is asked for?
+
+    At bf16 that is ``_keep_in_fp32_modules_strict`` (its plain ``_keep_in_fp32_modules`` applies to fp16 only):
+    globs searched in the parameter name, as transformers' loader matches them.
+    """
+    patterns = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    return any(re.search(p.replace("*", ".*"), name) for p in patterns)
+
+
+def router_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every router parameter by name, found through the family's MoE blocks (not through the audit's grouping)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: p for ref in find_moe_blocks(model) for p in ref.router.parameters()}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -213,7 +230,16 @@ def test_load_model_nf4_quantizes_linears_and_experts(saved, family):
     assert not a["unquantized_routed_weights"]
     assert a["routed_experts"]["bytes_per_param"] <= 0.6
     assert "nf4" in a["attention"]["dtypes"]
-    assert a["router"]["dtypes"] == ["bfloat16"] and a["embeddings_head"]["dtypes"] == ["bfloat16"]
+    assert a["embeddings_head"]["dtypes"] == ["bfloat16"]
+    # Routers are not quantized and keep exactly the dtype transformers' own bf16 load gives them: bf16, or float32
+    # where the model class lists them in _keep_in_fp32_modules_strict (DeepSeek's gate.weight).
+    routers, ref_routers = router_params(model), router_params(bf16)
+    expected = {n: torch.float32 if kept_fp32(model, n) else torch.bfloat16 for n in ref_routers}
+    assert routers and {n: p.dtype for n, p in ref_routers.items()} == expected  # the rule is transformers' own
+    assert {n: p.dtype for n, p in routers.items()} == expected and not any(is_nf4(p) for p in routers.values())
+    assert a["router"]["dtypes"] == sorted({str(d).removeprefix("torch.") for d in expected.values()})
+    assert a["router"]["params"] == sum(p.numel() for p in ref_routers.values())
+    assert a["router"]["bytes"] == sum(p.numel() * p.element_size() for p in ref_routers.values())
     assert model.get_output_embeddings().weight.dtype == torch.bfloat16
     linears = [m for m in model.modules() if isinstance(m, Linear4bit)]
     assert linears and not any(m.support_avx512bf16_for_cpu for m in linears)
@@ -285,7 +311,30 @@ def test_estimate_from_meta_model_agrees_with_audit(saved, family, quantization)
     for g in GROUPS:
         assert abs(est[g]["bytes"] - got[g]["bytes"]) <= 0.01 * max(got[g]["bytes"], 1), g
         assert est[g]["params"] == got[g]["params"], g
+        assert est[g]["dtypes"] == got[g]["dtypes"], g
     assert est["bf16_bytes"] == got["bf16_bytes"]
+
+
+# DeepSeek's class keeps its routers in float32 at bf16 (_keep_in_fp32_modules_strict), gpt-oss its norms at fp16
+# only (_keep_in_fp32_modules); qwen2_moe keeps nothing.
+@pytest.mark.parametrize(
+    "family, dtype_name",
+    [("deepseek_v2", "bfloat16"), ("deepseek_v3", "bfloat16"), ("qwen2_moe", "bfloat16"), ("gpt_oss", "float16")],
+)
+def test_estimate_counts_what_transformers_keeps_in_fp32_as_fp32(saved, family, dtype_name):
+    """A meta model cast wholly to ``dtype`` still estimates the parameters that load in float32 as float32."""
+    dtype = getattr(torch, dtype_name)
+    config = AutoConfig.from_pretrained(saved[family])
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config, dtype=dtype).to(dtype)
+    assert {p.dtype for p in meta.parameters()} == {dtype}
+    model = AutoModelForCausalLM.from_pretrained(saved[family], dtype=dtype)
+    loaded = {str(p.dtype).removeprefix("torch.") for p in router_params(model).values()}
+    got, est = audit(model, quantization="none"), estimate_bytes(meta, quantization="none")
+    assert got["router"]["dtypes"] == sorted(loaded)
+    for g in GROUPS:
+        assert est[g] == got[g], g
+    assert est["total_bytes"] == got["total_bytes"]
 
 
 def test_double_quant_estimate_agrees_with_audit(saved):

@@ -6,7 +6,7 @@ quantization), computes them through transformers' expert dispatch (``experts.py
 (``loader.py``: a transformers quantizer, see its docstring for why) and accounts every byte (``audit.py``).
 """
 
-from perft_cli.quant.audit import GROUPS, QUANTIZATIONS, audit, check_audit, estimate_bytes, format_audit_table
+from perft_cli.quant.audit import GROUPS, QUANTIZATIONS, audit, check_audit, estimate_bytes
 from perft_cli.quant.experts import IMPLEMENTATION, quantize_experts_
 from perft_cli.quant.loader import load_model_nf4
 from perft_cli.quant.nf4 import dequantize_nf4, disable_cpu_repack_, is_nf4, quantize_nf4
@@ -20,7 +20,6 @@ __all__ = [
     "dequantize_nf4",
     "disable_cpu_repack_",
     "estimate_bytes",
-    "format_audit_table",
     "is_nf4",
     "load_model_nf4",
     "quantize_experts_",

@@ -5,11 +5,18 @@ packed data + fp32 absmax + NF4 code table (+ offset, uint8 absmax, nested absma
 quantization), so ``perft plan``'s estimate and ``perft train --dry-run``'s audit agree. Parameters are counted as
 logical weights (a packed tensor of n weights counts n). Buffers (rotary tables, DeepSeek's correction bias) are
 not counted: they are tiny and no quantization touches them.
+
+Dtypes are the parameters' own, not assumed: transformers loads what a model class lists in
+``_keep_in_fp32_modules_strict`` (e.g. DeepSeek's ``gate.weight`` router) in float32 when asked for bf16 or fp16, and
+what it lists in ``_keep_in_fp32_modules`` in float32 when asked for fp16; the audit reads that off the loaded
+tensors, and the estimate applies the same rule to the meta model's unquantized parameters.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -17,13 +24,13 @@ import torch
 from torch import nn
 
 from perft_cli.errors import ModelError
+from perft_cli.perft.inject import is_adapter_param
 from perft_cli.quant.experts import EXPERT_WEIGHTS, is_experts_module
 from perft_cli.quant.nf4 import BLOCKSIZE, NESTED_BLOCKSIZE, QUANT_TYPE, is_nf4, logical_numel, packed_bytes
 
 # norms_other holds norms and whatever else is left, e.g. DeepSeek's dense first-layer MLPs (quantized with nf4).
 GROUPS = ("attention", "routed_experts", "shared_experts", "router", "embeddings_head", "norms_other", "adapters")
 QUANTIZATIONS = ("none", "nf4")
-ADAPTER_MARKERS = ("perft_", "lora_")
 SHARED_ATTRS = ("shared_expert", "shared_experts", "shared_expert_gate")  # every family's, see arch.FAMILIES
 # bitsandbytes' CPU kernels misbehave on tiny Linear shapes (platform.md: Qwen's shared_expert_gate Linear(H, 1));
 # such layers hold next to nothing, so they stay unquantized.
@@ -75,7 +82,7 @@ def quant_plan(model: nn.Module) -> QuantPlan:
             prefixes[name] = "embeddings_head"
 
     def group_of(module_name: str, param_name: str) -> str:
-        if any(marker in param_name for marker in ADAPTER_MARKERS):
+        if is_adapter_param(param_name):
             return "adapters"
         parts = module_name.split(".") if module_name else []
         for i in range(len(parts), 0, -1):  # the innermost grouped ancestor wins
@@ -111,6 +118,32 @@ def _nf4_bytes(numel: int, double_quant: bool) -> int:
         return (numel + 1) // 2 + blocks * 4 + code
     nested_blocks = math.ceil(blocks / NESTED_BLOCKSIZE)
     return (numel + 1) // 2 + blocks + 4 + nested_blocks * 4 + 256 * 4 + code
+
+
+def _load_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype ``model`` was built in: the floating dtype holding most of its (non-4-bit) weights."""
+    counts: Counter[torch.dtype] = Counter()
+    for p in model.parameters():
+        if p.is_floating_point() and not is_nf4(p):
+            counts[p.dtype] += p.numel()
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def fp32_kept(model: nn.Module, dtype: torch.dtype | None) -> re.Pattern | None:
+    """Parameter names that transformers loads in float32 when ``model`` is loaded in ``dtype`` (None: none).
+
+    The same rule as ``PreTrainedModel._get_dtype_plan`` and its use in ``core_model_loading``: the class's
+    ``_keep_in_fp32_modules_strict`` at bf16/fp16 and its ``_keep_in_fp32_modules`` at fp16, as globs (``*`` is any
+    text, the rest a regex) searched anywhere in the parameter name. A model's post_init gathers its submodels' lists.
+    """
+    patterns: set[str] = set()
+    if dtype == torch.float16:
+        patterns |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if dtype in (torch.float16, torch.bfloat16):
+        patterns |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in sorted(patterns)))
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -159,18 +192,25 @@ def audit(model: nn.Module, *, quantization: str) -> dict:
     return _summarise(rows, quantization, unquantized)
 
 
-def estimate_bytes(meta_model: nn.Module, *, quantization: str, double_quant: bool = False) -> dict:
+def estimate_bytes(
+    meta_model: nn.Module, *, quantization: str, double_quant: bool = False, dtype: torch.dtype | None = None
+) -> dict:
     """The audit that loading ``meta_model``'s checkpoint with ``quantization`` would give, without any weights.
 
-    Unquantized parameters keep the meta model's dtypes: build it in the dtype you will load with.
+    Unquantized parameters keep the meta model's dtypes (build it in the dtype you will load with; ``dtype``
+    defaults to the one most of its weights have), except those transformers keeps in float32 at that dtype
+    (``fp32_kept``, e.g. DeepSeek's router), which count 4 bytes each as they will once loaded.
     """
     _check_quantization(quantization)
     plan = quant_plan(meta_model)
+    keep_fp32 = fp32_kept(meta_model, dtype or _load_dtype(meta_model))
     rows = []
     for name, p in meta_model.named_parameters():
         numel = logical_numel(p)
         if quantization == "nf4" and (plan.quantized(name) or is_nf4(p)):
             rows.append((name, plan.groups[name], numel, _nf4_bytes(numel, double_quant), QUANT_TYPE))
+        elif keep_fp32 is not None and p.is_floating_point() and keep_fp32.search(name):
+            rows.append((name, plan.groups[name], numel, numel * 4, "float32"))
         else:
             rows.append((name, plan.groups[name], numel, numel * p.element_size(), _dtype_name(p)))
     unquantized = [] if quantization == "nf4" else list(plan.expert_weights)
@@ -190,43 +230,3 @@ def check_audit(audit_dict: dict, quantization: str) -> None:
         )
     if audit_dict["routed_experts"]["params"] == 0:
         raise ModelError("nf4 was requested but the model has no routed experts to quantize")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def format_audit_table(audit_dict: dict):
-    """A rich Table of an audit (or estimate) dict, one row per group plus the total against bf16."""
-    from rich.table import Table
-
-    table = Table(title=f"Model memory ({audit_dict['quantization']})")
-    table.add_column("group")
-    table.add_column("params", justify="right")
-    table.add_column("size", justify="right")
-    table.add_column("B/param", justify="right")
-    table.add_column("dtypes")
-    for g in GROUPS:
-        row = audit_dict[g]
-        if row["params"]:
-            table.add_row(
-                g,
-                f"{row['params']:,}",
-                _human(row["bytes"]),
-                f"{row['bytes_per_param']:.3f}",
-                ", ".join(row["dtypes"]),
-            )
-    total, bf16 = audit_dict["total_bytes"], audit_dict["bf16_bytes"]
-    table.add_section()
-    table.add_row(
-        "total",
-        f"{audit_dict['total_params']:,}",
-        _human(total),
-        f"{total / max(audit_dict['total_params'], 1):.3f}",
-        f"{total / max(bf16, 1):.0%} of bf16 ({_human(bf16)})",
-    )
-    return table

@@ -151,7 +151,8 @@ def load_model_nf4(
 ) -> PreTrainedModel:
     """Load a causal MoE LM (local dir or hub id, safetensors only) with Linear layers and routed experts in NF4.
 
-    Routers, embeddings, lm_head, norms and tiny Linear layers stay in ``dtype``; NF4 weights compute in ``dtype``.
+    Routers, embeddings, lm_head, norms and tiny Linear layers stay unquantized in ``dtype`` (or in float32 where the
+    model class keeps them so, e.g. DeepSeek's router: ``audit.fp32_kept``); NF4 weights compute in ``dtype``.
     ``device_map`` defaults to the first CUDA device, else CPU. Raises ModelError for unsupported or pre-quantized
     checkpoints.
     """
