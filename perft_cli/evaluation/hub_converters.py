@@ -15,10 +15,11 @@ Environment (read at each call):
 Loading scripts are never run (datasets >= 4 cannot, and no ``trust_remote_code`` is passed).
 
 Byte-exactness: for the 12 tasks with a source, the converters give the ``instruction`` and ``answer`` of every record
-of LLM-Adapters' test files (``output`` too for commonsense), checked by ``tests/test_hub_tasks.py`` against the
-real files; hellaswag is the exception (no file was at hand, see ``hellaswag``). Records follow the hub's order. The
-commonsense files start with the hub's first rows; the arithmetic files are shuffled (gsm8k's first hub question,
-"Janet's ducks", is record 302 of theirs), so example indices differ from theirs while the examples are the same.
+of LLM-Adapters' test files (``output`` too for commonsense), checked against the real files by
+``tests/evaluation/test_hub_converters.py``; hellaswag is the exception (no file was at hand, see ``hellaswag``).
+Records follow the hub's order. The commonsense files start with the hub's first rows; the arithmetic files are
+shuffled (gsm8k's first hub question, "Janet's ducks", is record 302 of theirs), so example indices differ from theirs
+while the examples are the same.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Test data from the tasks' hub datasets (perft_cli/hub_tasks.py): the converters against LLM-Adapters' real test
-files, record by record; hand-written hub rows; the load path on a local mirror (no network) with its cache; and the
-one-line errors offline, from load_records and from ``perft eval``."""
+"""Test data from the tasks' hub datasets (perft_cli/evaluation/hub_converters.py): the converters against
+LLM-Adapters' real test files, record by record; hand-written hub rows; the load path on a local mirror (no network)
+with its cache; and the one-line errors offline, from load_records and from ``perft eval``."""
 
 from __future__ import annotations
 
