@@ -152,9 +152,18 @@ SECTIONS: dict[str, type[_Section]] = {
 }
 
 
+MAX_RECIPE_BYTES = 1 << 20  # 1 MiB: the shipped recipes are 1-3 KiB
+
+
 def _suggest(word: str, options) -> str:
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown_key(section: str, key: str, fields, where: str) -> RecipeError:
+    """An unknown section key: the close match if there is one, else every key the section has."""
+    hint = _suggest(key, fields) or f"; the keys of {section!r} are {', '.join(sorted(fields))}"
+    return RecipeError(f"{where}: unknown key '{section}.{key}'{hint}")
 
 
 def _show_key(key: Any) -> str:
@@ -187,7 +196,7 @@ def _check_keys(raw: dict[str, Any], where: str) -> None:
                         f"its keys are {sorted(fields)}"
                     )
                 if sub not in fields:
-                    raise RecipeError(f"{where}: unknown key '{key}.{sub}'{_suggest(sub, fields)}")
+                    raise _unknown_key(key, sub, fields, where)
 
 
 def _is_text(annotation: Any) -> bool:
@@ -210,13 +219,13 @@ def _literal_text(key: str, text: str) -> str | None:
     return None if text in _NULLS else text
 
 
-def apply_override(raw: dict[str, Any], assignment: str) -> None:
+def apply_override(raw: dict[str, Any], assignment: str) -> str:
     """Apply one ``section.key=value`` (or ``output_dir=value``) override.
 
     Text keys (type str or str | None: ``output_dir``, ``data.train``, ``model.name_or_path``, ``model.revision``,
     ...) take the value literally, so ``output_dir=run #2``, ``output_dir=2024`` or ``data.split=yes`` mean that very
     text; ``null`` (or ``~``) means none. Every other key's value is parsed as YAML (``4``, ``true``, ``[a, b]``,
-    ``{instruction: question}``); a value YAML cannot parse is a one-line error.
+    ``{instruction: question}``); a value YAML cannot parse is a one-line error. Returns the dotted key set.
     """
     if "=" not in assignment:
         raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set adapter.top_k=4")
@@ -225,13 +234,13 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     parts = key.split(".")
     if parts == ["output_dir"]:
         raw["output_dir"] = _literal_text(key, text)
-        return
+        return key
     if len(parts) != 2 or parts[0] not in SECTIONS:
         raise RecipeError(f"--set {key!r}: expected SECTION.KEY with a section of {sorted(SECTIONS)}")
     section, field = parts
     fields = SECTIONS[section].model_fields
     if field not in fields:
-        raise RecipeError(f"--set: unknown key '{section}.{field}'{_suggest(field, fields)}")
+        raise _unknown_key(section, field, fields, "--set")
     if _is_text(fields[field].annotation):
         value = _literal_text(key, text)
     else:
@@ -243,13 +252,18 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     if not isinstance(raw.get(section), dict):
         raw[section] = {}
     raw[section][field] = value
+    return key
 
 
-def _format_validation(e: ValidationError, where: str) -> str:
+def _format_validation(e: ValidationError, where: str, overridden: dict[str, str] | None = None) -> str:
+    """One line for pydantic's first error; a value that came from ``--set`` is named by its ``--set``."""
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+    dotted = ".".join(str(x) for x in err["loc"][:2])
+    if overridden and dotted in overridden:
+        return f"{overridden[dotted]}: {loc}: {msg}{got}"
     return f"{where}: {loc + ': ' if loc else ''}{msg}{got}"
 
 
@@ -267,7 +281,10 @@ def _resolve_path(value: str | None, base: Path) -> str | None:
     return value  # a hub id, or a path that does not exist (the loader names it)
 
 
-def recipe_from_dict(raw: dict[str, Any], where: str = "recipe", base: Path | None = None) -> Recipe:
+def recipe_from_dict(
+    raw: dict[str, Any], where: str = "recipe", base: Path | None = None, overridden: dict[str, str] | None = None
+) -> Recipe:
+    """Validate a recipe dict; ``overridden`` maps dotted keys set by ``--set`` to that ``--set`` (for errors)."""
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: the recipe must be a YAML mapping with sections {sorted(SECTIONS)}")
     _check_keys(raw, where)
@@ -276,7 +293,7 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe", base: Path | No
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(_format_validation(e, where)) from None
+        raise RecipeError(_format_validation(e, where, overridden)) from None
     if base is None:
         return recipe
     return recipe.model_copy(
@@ -333,6 +350,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} not found; pass the path of a YAML recipe (see recipes/)")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:  # YAML parses ~50 KB/s: a 10 MB file kept the parser busy for minutes
+        raise RecipeError(
+            f"recipe {path} is {size / 2**20:.1f} MiB; a recipe is a few KiB of settings (at most "
+            f"{MAX_RECIPE_BYTES // 2**20} MiB): is this the right file? Training data goes in data.train"
+        )
     try:
         raw = yaml.load(path.read_text(), Loader=_NoDuplicateKeys)  # a SafeLoader subclass: safe_load + no dup keys
     except yaml.YAMLError as e:
@@ -345,9 +368,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path}: the recipe must be a YAML mapping with sections {sorted(SECTIONS)}")
+    overridden = {}
     for assignment in overrides or []:
-        apply_override(raw, assignment)
-    recipe = recipe_from_dict(raw, f"recipe {path}", base=path.resolve().parent)
+        overridden[apply_override(raw, assignment)] = f"--set {assignment.strip()}"
+    recipe = recipe_from_dict(raw, f"recipe {path}", base=path.resolve().parent, overridden=overridden)
     if recipe.output_dir is None:
         recipe = recipe.model_copy(update={"output_dir": str(Path("runs") / path.stem)})
     return recipe

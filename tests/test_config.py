@@ -165,3 +165,43 @@ def test_keys_the_variant_never_reads_are_listed():
     q = recipe_from_dict({**base, "model": {"name_or_path": "x", "double_quant": True}})
     assert ignored_keys(q) == ["model.double_quant (only quantization: nf4 read it)"]
     assert ignored_keys(recipe_from_dict(base)) == []
+
+
+def test_an_unknown_key_with_no_close_match_lists_the_sections_keys(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name_or_path: m}\nadapter: {bogus_key_zz: 1}\n")
+    with pytest.raises(RecipeError, match=r"unknown key 'adapter.bogus_key_zz'; the keys of 'adapter' are alpha, .*"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match=r"^--set: unknown key 'train.qqq'; the keys of 'train' are .*batch_size"):
+        load_recipe(_ok(tmp_path), ["train.qqq=1"])
+    with pytest.raises(RecipeError, match=r"did you mean 'variant'"):  # a close match is still offered alone
+        load_recipe(_ok(tmp_path), ["adapter.varaint=perft-r"])
+
+
+def _ok(tmp_path: Path) -> Path:
+    path = tmp_path / "ok.yaml"
+    path.write_text("model: {name_or_path: m}\n")
+    return path
+
+
+def test_a_bad_set_value_names_the_set_not_the_recipe(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_ok(tmp_path), ["adapter.rank=abc"])
+    assert str(e.value).startswith("--set adapter.rank=abc: adapter.rank: Input should be a valid integer"), e.value
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: {name_or_path: m}\nadapter: {rank: abc}\n")
+    with pytest.raises(RecipeError, match=rf"^recipe {path}: adapter.rank"):  # written in the file: the file is named
+        load_recipe(path)
+
+
+def test_a_recipe_of_megabytes_is_refused_before_parsing(tmp_path, monkeypatch):
+    import perft_cli.config
+
+    def never(*args, **kwargs):
+        raise AssertionError("the YAML parser ran")  # a 10 MB file kept it busy for minutes
+
+    path = tmp_path / "big.yaml"
+    path.write_text("a: " + "x" * 10_000_000 + "\n")
+    monkeypatch.setattr(perft_cli.config.yaml, "load", never)
+    with pytest.raises(RecipeError, match=r"is 9.5 MiB; a recipe is a few KiB of settings \(at most 1 MiB\)"):
+        load_recipe(path)
