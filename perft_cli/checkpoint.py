@@ -137,17 +137,21 @@ def write_checkpoint(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-{target.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(adapter, str(tmp / ADAPTER_FILE), metadata={"format": "pt", "producer": "perft"})
-    for name, data in (tensors or {}).items():
-        save_file(data, str(tmp / name), metadata={"format": "pt"})
-    for name, data in (jsons or {}).items():
-        (tmp / name).write_text(json.dumps(data, indent=2))
-    (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks the checkpoint complete
-    for f in tmp.iterdir():
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
+    try:
+        tmp.mkdir()
+        save_file(adapter, str(tmp / ADAPTER_FILE), metadata={"format": "pt", "producer": "perft"})
+        for name, data in (tensors or {}).items():
+            save_file(data, str(tmp / name), metadata={"format": "pt"})
+        for name, data in (jsons or {}).items():
+            (tmp / name).write_text(json.dumps(data, indent=2))
+        (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks the checkpoint complete
+        for f in tmp.iterdir():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+    except BaseException:  # a full disk, a kill signal turned exception: no partial .tmp directory left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if target.exists():  # re-saving a step (after a resume): move the old one out of the way first
         old = target.parent / f".tmp-old-{target.name}"
         shutil.rmtree(old, ignore_errors=True)

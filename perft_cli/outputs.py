@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,14 @@ def check_output_parent(path: Path, what: str, fix: str) -> None:
         raise PerftError(f"{what} {str(path)!r} cannot be created: {str(parent)!r} is a file, not a folder; {fix}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PerftError(f"{what} {str(path)!r} cannot be written: no permission to write in {str(parent)!r}; {fix}")
+    try:  # root may "access" what no one can write (/proc, a read-only mount): create a file to be sure
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".perft-write-test-")
+    except OSError as e:
+        raise PerftError(
+            f"{what} {str(path)!r} cannot be written in {str(parent)!r}: {e.strerror or e}; {fix}"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_output_file(path: Path, what: str, fix: str) -> None:

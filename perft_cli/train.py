@@ -40,6 +40,7 @@ from perft_cli.training.setup import (
     setup_training,
     start_info,
     teardown,
+    unlock_run_dir,
 )
 from perft_cli.training.state import Position, fresh_position, restore, save
 from perft_cli.training.step import (
@@ -80,6 +81,7 @@ def run_train(recipe: Recipe, *, resume: str | None = None, dry_run: bool = Fals
         commit_run_dir(run_dir, recipe, resume_from)
         check_eval_tasks(recipe)
     except BaseException:
+        unlock_run_dir(run_dir)
         if new_dir and is_main_process():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
@@ -116,10 +118,14 @@ def run_train(recipe: Recipe, *, resume: str | None = None, dry_run: bool = Fals
     except BaseException:
         progress.close()
         teardown(accelerator, clean=False)
+        unlock_run_dir(run_dir)
         raise
     progress.close()
-    summary = finish(run, pos, status, timer.total(), train_seconds, session_tokens)
-    teardown(accelerator, clean=True)
+    try:
+        summary = finish(run, pos, status, timer.total(), train_seconds, session_tokens)
+        teardown(accelerator, clean=True)
+    finally:
+        unlock_run_dir(run_dir)
     return summary
 
 

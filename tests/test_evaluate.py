@@ -306,6 +306,16 @@ def test_output_paths_are_checked_in_one_line(tmp_path, monkeypatch):
     check_output_file(tmp_path / "afile.txt", "--json", "FIX")  # an existing file is replaced
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder no one can create files in")
+def test_an_output_under_proc_is_refused_before_the_work(tmp_path):
+    """root passes os.access on /proc: the results were lost after the whole evaluation (FileNotFoundError)."""
+    from perft_cli.outputs import check_output_file
+
+    with pytest.raises(PerftError, match=r"--json '/proc/perft-results.json' cannot be written in '/proc': .*; FIX"):
+        check_output_file(Path("/proc/perft-results.json"), "--json", "FIX")
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_atomic_file_leaves_nothing_on_failure(tmp_path, error):
     from perft_cli.outputs import atomic_file

@@ -405,3 +405,80 @@ def test_summary_throughput_counts_training_steps_only(tmp_path, tiny_model_dir)
     summary = run_train(recipe)
     assert 0 < summary["train_time_s"] < summary["time_s"]
     assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["train_time_s"])
+
+
+# --- faults that used to escape as tracebacks or double writes (issue 17) ----------------------------------------
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from perft_cli.errors import CheckpointError
+
+    recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir("olmoe"), train={"max_steps": 4, "save_every": 2}))
+    real, calls = safetensors.torch.save_file, []
+
+    def fills_up(*args, **kwargs):  # the first checkpoint's three files fit, then the disk is full
+        calls.append(args[1])
+        if len(calls) > 3:
+            io = 'IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+            raise SafetensorError(f"Error while serializing: {io}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fills_up)
+    with pytest.raises(CheckpointError) as e:
+        run_train(recipe)
+    run = Path(recipe.output_dir)
+    message = str(e.value)
+    assert "\n" not in message and "No space left on device" in message, message
+    assert f"cannot write the checkpoint {run / CKPT_DIR / 'step-00000004'}" in message
+    assert f"the last complete checkpoint, {run / CKPT_DIR / 'step-00000002'}, is kept" in message
+    assert [p.name for p in (run / CKPT_DIR).iterdir()] == ["step-00000002"]  # no .tmp-* left behind
+    assert latest_checkpoint(run).name == "step-00000002"
+
+
+def test_a_truncated_trainer_state_is_one_line_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch):
+    import perft_cli.modeling
+    from perft_cli.errors import CheckpointError
+
+    recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir("olmoe"), train={"max_steps": 2}))
+    run_train(recipe)
+    state = latest_checkpoint(Path(recipe.output_dir)) / "trainer_state.json"
+    state.write_text(state.read_text()[:40])  # cut short, as by a disk that filled up outside perft
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr(perft_cli.modeling, "load_model", refuse)
+    with pytest.raises(CheckpointError, match=r"cannot be resumed: trainer_state.json: JSONDecodeError: .*damaged"):
+        run_train(recipe, resume="auto")
+
+
+def test_a_second_run_on_the_same_directory_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, tiny_model_dir):
+    from perft_cli.errors import CheckpointError
+
+    recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir("olmoe"), train={"max_steps": 2}))
+    run = Path(recipe.output_dir)
+    run.mkdir(parents=True)
+    holder = subprocess.Popen(  # a perft train of its own, holding the run directory (as during its training)
+        [
+            sys.executable,
+            "-c",
+            f"from perft_cli.training.setup import lock_run_dir; lock_run_dir({str(run)!r}); "
+            "print('held', flush=True); import time; time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CheckpointError, match=rf"is being trained by another perft train \(pid {holder.pid}\)"):
+            run_train(recipe)
+        assert not (run / CKPT_DIR).exists()  # the refused run wrote nothing
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)  # a crash: the kernel drops its lock
+        holder.wait()
+    summary = run_train(recipe)  # no stale lock to clear by hand
+    assert summary["status"] == "done" and not (run / ".perft-train.lock").exists()

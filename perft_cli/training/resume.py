@@ -90,6 +90,24 @@ def set_rng_states(tensors: dict[str, torch.Tensor], states: dict[str, Any]) -> 
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+def saved_state(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json (step, data position, ...), or a one-line CheckpointError naming it."""
+    path = Path(ckpt) / ck.STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no integer 'step'")
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt} cannot be resumed: {ck.STATE_FILE} is missing") from None
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(
+            f"{ckpt} cannot be resumed: {ck.STATE_FILE}: {type(e).__name__}: {first} (a damaged checkpoint: resume "
+            "from another with --resume CKPT_DIR)"
+        ) from None
+    return state
+
+
 def read_training_state(ckpt: Path) -> dict[str, Any]:
     """Everything ``--resume`` needs from a checkpoint: trainer state, optimizer, scheduler and RNG states."""
     from safetensors.torch import load_file

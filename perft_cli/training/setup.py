@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -17,7 +17,7 @@ from perft_cli.console import info, is_main_process, warn
 from perft_cli.data import Examples, fingerprint
 from perft_cli.errors import CheckpointError, DataError, RecipeError
 from perft_cli.outputs import write_text_atomic
-from perft_cli.training.resume import check_resumable, check_resume_compatible, find_resume
+from perft_cli.training.resume import check_resumable, check_resume_compatible, find_resume, saved_state
 
 
 @dataclass
@@ -76,6 +76,7 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: str | None) -> Path |
             "--output-dir or output_dir"
         ) from None
     if is_main_process():
+        lock_run_dir(run_dir)  # before anything in it is cleaned or read: another run may be writing it
         stale = ck.clean_stale(run_dir)  # left by a save that was killed (a complete one is put back in place)
         if stale:
             info(f"removed {len(stale)} incomplete checkpoint(s) left by an interrupted save: {', '.join(stale)}")
@@ -91,9 +92,52 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: str | None) -> Path |
     if ckpt is not None:
         differ = check_resume_compatible(ck.load_checkpoint_recipe(ckpt), recipe, ckpt)
         check_resumable(ckpt)
+        saved_state(ckpt)  # a truncated trainer_state.json: one line now, not after the model has loaded
         if differ:
             warn(f"resuming {ckpt} with different settings ({', '.join(differ)}): the run will not be exact")
     return ckpt
+
+
+LOCK_FILE = ".perft-train.lock"
+_locks: dict[Path, int] = {}  # run directory -> the open, flock'ed lock file of this process
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold ``RUN/.perft-train.lock`` (an exclusive flock) while this process trains into ``run_dir``.
+
+    A second ``perft train`` on the same directory is refused at once (both would write checkpoints and
+    metrics.jsonl). The kernel drops the lock when a process ends, so a crashed or killed run never leaves it stuck.
+    """
+    import fcntl
+
+    key = Path(run_dir).resolve()
+    if key in _locks:
+        return
+    path = key / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise CheckpointError(
+            f"{run_dir} is being trained by another perft train (pid {holder}); wait for it to end, or choose "
+            "another --output-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _locks[key] = fd
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    """Release ``lock_run_dir``'s lock (and remove its file) if this process holds it."""
+    key = Path(run_dir).resolve()
+    fd = _locks.pop(key, None)
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        (key / LOCK_FILE).unlink()
+    os.close(fd)  # closing the file releases the flock
 
 
 def commit_run_dir(run_dir: Path, recipe: Recipe, ckpt: Path | None) -> None:
@@ -103,7 +147,7 @@ def commit_run_dir(run_dir: Path, recipe: Recipe, ckpt: Path | None) -> None:
     if not is_main_process():
         return
     if ckpt is not None:
-        step = json.loads((ckpt / ck.STATE_FILE).read_text())["step"]
+        step = saved_state(ckpt)["step"]
         moved = ck.set_aside_newer(run_dir, step)
         if moved is not None:
             warn(

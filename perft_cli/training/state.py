@@ -136,7 +136,7 @@ def save(run: Run, pos: Position, best: bool = False) -> Path:
     if is_main_process():
         opt_tensors, opt_json = optimizer_files(run.optimizer.state_dict())
         rng_tensors = {f"rank{r}.{k}": v.contiguous() for r, (t, _) in enumerate(rng) for k, v in t.items()}
-        ck.write_checkpoint(
+        write_or_explain(
             path,
             adapter=adapter_state(run.unwrapped, run.attached.variant),
             recipe=run.recipe,
@@ -151,6 +151,23 @@ def save(run: Run, pos: Position, best: bool = False) -> Path:
     pos.last_saved = pos.step
     testing_hooks.kill_after_save(pos.step)
     return path
+
+
+def write_or_explain(path: Path, **parts: Any) -> None:
+    """``checkpoint.write_checkpoint``, with a failed write (a full disk, a folder gone) as one line that names the
+    directory and the last complete checkpoint, which is kept: the run continues from it with --resume auto."""
+    try:
+        ck.write_checkpoint(path, **parts)
+    except Exception as e:  # OSError, or safetensors' SafetensorError ("No space left on device")
+        if not isinstance(e, OSError) and type(e).__name__ != "SafetensorError":
+            raise
+        why = getattr(e, "strerror", None) or " ".join(str(e).split()) or type(e).__name__
+        last = ck.latest_checkpoint(path.parent.parent)
+        kept = f"the last complete checkpoint, {last}, is kept" if last else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"cannot write the checkpoint {path}: {why}; {kept}. Free space (or fix {path.parent}) and continue "
+            "with --resume auto"
+        ) from None
 
 
 def trainer_state(run: Run, pos: Position, rng_json: list[dict[str, Any]]) -> dict[str, Any]:
