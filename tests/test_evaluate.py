@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -388,7 +389,8 @@ def test_batched_generation_matches_one_at_a_time(tiny_model_dir, tmp_path):
     questions = ["2+2?", "Is ice cold?", "A much longer question about " + "apples and pears " * 6, "x", "Why?"]
     prompts = [eval_prompt(q, "", commonsense=i % 2 == 0) for i, q in enumerate(questions)]
     kwargs = dict(num_beams=4, max_new_tokens=6)
-    with one_thread():
+    with one_thread(), warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers' deprecations (past_key_values) are errors here
         batched = generate_responses(model, tok, prompts, batch_size=3, **kwargs)
         single = [generate_responses(model, tok, [p], batch_size=1, **kwargs)[0] for p in prompts]
         plain = generate_responses(model, tok, prompts, batch_size=3, shared_prefill=False, **kwargs)

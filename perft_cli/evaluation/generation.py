@@ -26,6 +26,13 @@ GENERATION = dict(
 )
 
 
+def _cache_kwarg() -> str:
+    """generate()'s name for a ready KV cache: ``cache`` from transformers 5.2x (``past_key_values`` warns there)."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
 def iter_responses(
     model,
     tokenizer,
@@ -48,6 +55,7 @@ def iter_responses(
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))  # stable: ties keep the file's order
     device = model.get_input_embeddings().weight.device
     eos = model.generation_config.eos_token_id
+    cache_kwarg = _cache_kwarg()
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(device)  # [B, S]
@@ -57,7 +65,7 @@ def iter_responses(
             out = model.generate(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
-                past_key_values=cache,
+                **({cache_kwarg: cache} if cache is not None else {}),
                 num_beams=num_beams,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
