@@ -292,6 +292,12 @@ def check_ckpt_arg(ckpt: str | Path, command: str) -> None:
             if info is not None
             else "pass the run directory perft train wrote (or one of its checkpoints)"
         )
+    elif command == "generate":
+        fix = (
+            f"it generates as it is (AutoModelForCausalLM.from_pretrained), or pass the run it came from{merged_from}"
+            if info is not None
+            else "pass the run directory perft train wrote (or one of its checkpoints)"
+        )
     else:  # inspect-routing compares the routing with the adapters attached and detached
         fix = (
             f"routing before and after fine-tuning needs the adapters: pass the run it was merged from{merged_from}"

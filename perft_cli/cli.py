@@ -333,6 +333,28 @@ def inspect_routing(
     )
 
 
+@app.command()
+@user_errors
+def generate(
+    ckpt: CkptOpt,
+    prompt: Annotated[str, typer.Option("--prompt", help="The question or instruction to answer.")],
+    input_text: Annotated[
+        str, typer.Option("--input", help="The template's optional Input field (context for the instruction).")
+    ] = "",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate at most.")] = 128,
+    base: Annotated[
+        bool, typer.Option("--base", help="Also answer with the frozen model, beside the adapted one.")
+    ] = False,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Send the prompt as it is, without the paper's template.")
+    ] = False,
+) -> None:
+    """Answer a prompt with the trained model (the paper's prompt template and beam search, as perft eval does)."""
+    from perft_cli.generate import print_answers, run_generate
+
+    print_answers(run_generate(ckpt, prompt, input_text=input_text, max_new_tokens=max_new_tokens, base=base, raw=raw))
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

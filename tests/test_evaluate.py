@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -378,14 +379,27 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_batched_generation_matches_one_at_a_time(tiny_model_dir, tmp_path):
     from conftest import make_checkpoint
+    from transformers.utils import logging as hf_logging
 
     from perft_cli.evaluation.generation import generate_responses
     from perft_cli.modeling import load_trained
 
     ckpt = make_checkpoint(tmp_path / "ckpt", tiny_model_dir("olmoe"))
     model, tok, *_ = load_trained(ckpt)  # fp32, PERFT-R adapters attached
+    hf_logging.warning_once.cache_clear()  # each warning_once line is printed once a process: let it print here
+    logged = _Collect()
+    hf_logging.get_logger("transformers").addHandler(logged)
     questions = ["2+2?", "Is ice cold?", "A much longer question about " + "apples and pears " * 6, "x", "Why?"]
     prompts = [eval_prompt(q, "", commonsense=i % 2 == 0) for i, q in enumerate(questions)]
     kwargs = dict(num_beams=4, max_new_tokens=6)
@@ -394,6 +408,8 @@ def test_batched_generation_matches_one_at_a_time(tiny_model_dir, tmp_path):
         batched = generate_responses(model, tok, prompts, batch_size=3, **kwargs)
         single = [generate_responses(model, tok, [p], batch_size=1, **kwargs)[0] for p in prompts]
         plain = generate_responses(model, tok, prompts, batch_size=3, shared_prefill=False, **kwargs)
+    hf_logging.get_logger("transformers").removeHandler(logged)
+    assert not [m for m in logged.messages if "deprecated" in m]  # e.g. reading an output's past_key_values
     assert batched == single
     assert plain == batched  # the shared prompt prefill (once per example, not per beam) changes no answer
     assert all(r.startswith("the correct answer is") for r in batched[::2])  # the response keeps the pre-fill

@@ -91,7 +91,9 @@ def _prefill(model, batch, num_beams: int):
         input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True,
         logits_to_keep=1,
     )  # fmt: skip
-    cache = getattr(out, "past_key_values", None)
+    # transformers 5.2x names it ``cache`` (reading ``past_key_values`` logs a deprecation); older 5.x the other way.
+    cache = getattr(out, "cache", None) if hasattr(type(out), "cache") or "cache" in out else None
+    cache = cache if cache is not None else out.get("past_key_values")
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
     cache.batch_repeat_interleave(num_beams)  # [B * num_beams, ...], the row order of generate()'s expansion
