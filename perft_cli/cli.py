@@ -355,6 +355,57 @@ def generate(
     print_answers(run_generate(ckpt, prompt, input_text=input_text, max_new_tokens=max_new_tokens, base=base, raw=raw))
 
 
+@app.command()
+@user_errors
+def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Check a recipe, its model's config and tokenizer, every training record and the eval test files, in seconds
+    and without loading weights; print what was checked."""
+    from perft_cli.config import load_recipe
+
+    loaded = load_recipe(recipe, list(set_ or []))
+    from perft_cli.validate import print_checks, run_validate
+
+    print_checks(run_validate(loaded))
+
+
+recipes_app = typer.Typer(
+    cls=_OneLineErrors,
+    help="The recipes shipped with perft: list them, or copy one to edit.",
+    invoke_without_command=True,
+    add_completion=False,
+)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback()
+def _recipes(ctx: typer.Context) -> None:
+    """List the shipped recipes, one line each (perft recipes copy NAME DEST writes one to edit)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from perft_cli.console import out
+    from perft_cli.recipes import shipped, summary
+
+    found = shipped()
+    width = max(map(len, found))
+    for name, path in found.items():
+        out.print(f"{name:<{width}}  {summary(path)}", markup=False, highlight=False, soft_wrap=True)
+
+
+@recipes_app.command("copy")
+@user_errors
+def recipes_copy(
+    name: Annotated[str, typer.Argument(help="A shipped recipe (see: perft recipes).", show_default=False)],
+    dest: Annotated[Path, typer.Argument(help="The file to write (or a folder for NAME.yaml).", show_default=False)],
+    force: Annotated[bool, typer.Option("--force", help="Replace DEST if it exists.")] = False,
+) -> None:
+    """Write a shipped recipe to DEST to edit; its local paths are made absolute so it works from there."""
+    from perft_cli.console import info
+    from perft_cli.recipes import copy_recipe
+
+    written = copy_recipe(name, dest, force=force)
+    info(f"wrote {written}; check it with: perft validate {written}")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
