@@ -18,8 +18,9 @@ from typing import Any
 from perft_cli import checkpoint as ck
 from perft_cli import testing_hooks
 from perft_cli.config import Recipe
-from perft_cli.console import human_bytes, is_main_process, out, print_json, warn
+from perft_cli.console import human_bytes, info, is_main_process, out, print_json, warn
 from perft_cli.training.collapse import CollapseWatch
+from perft_cli.training.loss_plot import LOSS_FILE, LossPlot
 from perft_cli.training.progress import (
     MetricsLog,
     Timer,
@@ -89,6 +90,9 @@ def run_train(recipe: Recipe, *, resume: str | None = None, dry_run: bool = Fals
     print_start(start_info(run, family, source, resume_from, pos.step))
 
     metrics = MetricsLog(run_dir, accelerator, keep_until=pos.step if resume_from else None)
+    plot = LossPlot(run_dir, enabled=is_main_process())
+    if is_main_process() and not plot.enabled:
+        info(f"matplotlib is not installed: no {LOSS_FILE} (pip install 'perft-cli[plot]')")
     progress = TrainProgress(run.total_steps, pos.step)
     watch = CollapseWatch(attached.num_experts, attached.top_k, recipe.train.collapse_share)
     watch.load(pos.collapse)  # a resumed run keeps counting its streaks (and does not warn twice)
@@ -108,6 +112,7 @@ def run_train(recipe: Recipe, *, resume: str | None = None, dry_run: bool = Fals
                 seconds = timer.lap()
                 train_seconds += seconds
                 log_step(run, pos, stats, seconds, metrics, progress, watch)
+                plot.update()
                 if pos.step % recipe.train.eval_every == 0 or pos.step == run.total_steps:
                     log_eval(run, pos, metrics, progress)
                 if pos.step % recipe.train.save_every == 0 or pos.step == run.total_steps or stats["stop"]:
@@ -121,6 +126,7 @@ def run_train(recipe: Recipe, *, resume: str | None = None, dry_run: bool = Fals
         unlock_run_dir(run_dir)
         raise
     progress.close()
+    plot.update(force=True)
     try:
         summary = finish(run, pos, status, timer.total(), train_seconds, session_tokens)
         teardown(accelerator, clean=True)
@@ -232,6 +238,7 @@ def finish(run: Run, pos: Position, status: str, seconds: float, train_seconds: 
         "last_loss": pos.last_loss,
         "best_eval_loss": pos.best_eval,
         "best_step": pos.best_step,
+        **eval_ends(run.run_dir),
         "trainable_params": run.accounting["trainable_params"],
         "activated_params": run.accounting["activated_params"],
         "run_dir": str(run.run_dir),
@@ -243,6 +250,20 @@ def finish(run: Run, pos: Position, status: str, seconds: float, train_seconds: 
     if os.environ.get(testing_hooks.DUMP_ENV):
         testing_hooks.dump_adapter(adapter_state(run.unwrapped, run.attached.variant), run.accelerator.process_index)
     return summary
+
+
+def eval_ends(run_dir: Path) -> dict[str, Any]:
+    """The first and the last eval loss of the run (the step-0 one included), from metrics.jsonl."""
+    from perft_cli.training.progress import read_metrics
+
+    evals = [(e["step"], e["eval_loss"]) for e in read_metrics(run_dir) if "eval_loss" in e]
+    first, last = (evals[0], evals[-1]) if evals else ((None, None), (None, None))
+    return {
+        "first_eval_step": first[0],
+        "first_eval_loss": first[1],
+        "last_eval_step": last[0],
+        "last_eval_loss": last[1],
+    }
 
 
 def run_dry_run(recipe: Recipe, *, as_json: bool) -> dict[str, Any]:

@@ -482,3 +482,35 @@ def test_a_second_run_on_the_same_directory_is_refused_and_a_killed_one_leaves_n
         holder.wait()
     summary = run_train(recipe)  # no stale lock to clear by hand
     assert summary["status"] == "done" and not (run / ".perft-train.lock").exists()
+
+
+# --- seeing a run: ETA in plain logs, loss.png, the step-0 eval in the summary (issue 17) --------------------------
+
+
+def test_a_plain_log_gets_a_line_with_eta_at_least_every_30_s(monkeypatch, capsys):
+    from perft_cli.training import progress
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    bar = progress.TrainProgress(total=1000, start=0)  # stderr is not a terminal under pytest: plain lines
+    entry = {"epoch": 0.0, "loss": 1.0, "lm_loss": 1.0, "lr": 1e-3, "tokens_per_s": 100.0}
+    for step in (1, 2, 3):  # not a 5% step, under 30 s: silent
+        clock[0] += 5.0
+        bar.update({**entry, "step": step})
+    assert capsys.readouterr().err == ""
+    clock[0] += 20.0  # 35 s since the start: a line, with the ETA from 35 s per 4 steps
+    bar.update({**entry, "step": 4})
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("step 4/1000 ") and line.endswith("ETA 2:25:15"), line  # 996 steps x 8.75 s = 8715 s
+
+
+def test_a_run_draws_loss_png_and_its_summary_names_the_step0_eval(tmp_path, tiny_model_dir):
+    pytest.importorskip("matplotlib", reason="loss.png needs matplotlib (the plot extra)")
+    recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir("olmoe"), train={"max_steps": 3}))
+    summary = run_train(recipe)
+    run = Path(recipe.output_dir)
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["first_eval_step"] == 0 and summary["first_eval_loss"] is not None
+    assert summary["last_eval_step"] == 3 and summary["best_step"] == 3
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["first_eval_loss"] == summary["first_eval_loss"]

@@ -17,6 +17,7 @@ from perft_cli.console import err, human_bytes, human_count, is_main_process, ou
 from perft_cli.training.collapse import COLLAPSE_STEPS
 
 METRICS_FILE = "metrics.jsonl"
+PLAIN_EVERY_S = 30.0  # a log file (no terminal) gets a progress line at least this often
 SUMMARY_FILE = "summary.json"
 
 
@@ -64,7 +65,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 class TrainProgress:
     """A rich progress bar on stderr (rank 0): step, epoch, losses, lr, tokens/s, ETA.
 
-    When stderr is not a terminal (CI logs, pipes) it prints a plain line every ~5% of the steps instead.
+    When stderr is not a terminal (CI logs, pipes, a file) it prints a plain line instead, every ~5% of the steps
+    and at least every ``PLAIN_EVERY_S`` seconds, with the ETA from this session's average step time.
     """
 
     def __init__(self, total: int, start: int):
@@ -72,6 +74,7 @@ class TrainProgress:
         self.main = is_main_process()
         self.live = self.main and err.is_terminal
         self.every = max(1, total // 20)
+        self.started = self.last_line = time.monotonic()
         self.bar = None
         if self.live:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -94,8 +97,12 @@ class TrainProgress:
         text = step_text(entry)
         if self.bar is not None:
             self.bar.update(self.task, completed=entry["step"], info=text)
-        elif entry["step"] % self.every == 0 or entry["step"] == self.total:
-            err.print(f"step {entry['step']}/{self.total} {text}", highlight=False, soft_wrap=True)
+            return
+        now, step = time.monotonic(), entry["step"]
+        if step % self.every == 0 or step == self.total or now - self.last_line >= PLAIN_EVERY_S:
+            self.last_line = now
+            eta = eta_text((now - self.started) / max(step - self.start, 1) * (self.total - step))
+            err.print(f"step {step}/{self.total} {text} ETA {eta}", highlight=False, soft_wrap=True)
 
     def note(self, message: str) -> None:
         """A line above the bar (eval results, warnings)."""
@@ -106,6 +113,13 @@ class TrainProgress:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def eta_text(seconds: float) -> str:
+    """Remaining time as H:MM:SS (M:SS under an hour)."""
+    m, sec = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
 def step_text(e: dict[str, Any]) -> str:
@@ -174,7 +188,8 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
         ("throughput", f"{summary['tokens_per_s']:,.0f} tokens/s ({summary['tokens']:,} tokens this session)"),
         ("peak memory", f"{human_bytes(summary['peak_memory_bytes'])} ({summary['peak_memory_kind']})"),
         ("last loss", f"{summary['last_loss']:.4f}" if summary.get("last_loss") is not None else "-"),
-        ("best eval loss", f"{best:.4f} at step {summary['best_step']}" if best is not None else "- (no eval)"),
+        ("eval loss", _evals(summary)),
+        ("best eval loss", f"{best:.4f} at step {summary['best_step']}" if best is not None else _no_best(summary)),
         (
             "parameters",
             f"{summary['trainable_params']:,} trainable, {summary['activated_params']:,} activated per token",
@@ -186,6 +201,22 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     for row in rows:
         t.add_row(*row)
     out.print(t)
+
+
+def _evals(summary: dict[str, Any]) -> str:
+    first, last = summary.get("first_eval_loss"), summary.get("last_eval_loss")
+    if first is None:
+        return "- (no eval: data.val_size is 0)"
+    text = f"{first:.4f} at step {summary['first_eval_step']}"
+    if summary["last_eval_step"] != summary["first_eval_step"]:
+        text += f" -> {last:.4f} at step {summary['last_eval_step']}"
+    return text
+
+
+def _no_best(summary: dict[str, Any]) -> str:
+    if summary.get("first_eval_loss") is None:
+        return "- (no eval)"
+    return "- (no eval after training began; see the eval loss above)"
 
 
 def warn_collapse(event: dict[str, Any], progress: TrainProgress, share: float) -> None:
