@@ -172,6 +172,9 @@ def log_step(run, pos, stats, seconds, metrics: MetricsLog, progress: TrainProgr
     }
     if top_share is not None:
         entry["perft_max_expert_share"] = top_share
+        # NeMo's load-balance metrics of each PERFT-R router over this step's tokens (perft.load_stats).
+        keys = ("util_p25", "util_median", "util_p75", "dead_fraction")
+        entry["perft_load"] = [{"layer": i, **{k: round(s[k], 4) for k in keys}} for i, s in watch.loads.items()]
     progress.update(entry)
     if pos.step % run.recipe.train.log_every == 0 or pos.step == run.total_steps:
         metrics.write(entry)

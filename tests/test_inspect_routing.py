@@ -342,3 +342,13 @@ def test_html_renders_in_headless_chromium(cli_run, tmp_path):
     purple = torch.tensor([0x5E, 0x3C, 0x99]) / 255  # the "after" bars of the histograms (no heat-map cell has it)
     close = (torch.from_numpy(pixels.copy()) - purple).abs().amax(-1) < 0.03  # [H, W]
     assert int(close.sum()) > 500, "no histogram bars visible in the screenshot"
+
+
+def test_load_stats_carry_nemos_utilisation_quartiles_and_dead_fraction():
+    from perft_cli.perft import load_stats
+
+    s = load_stats(torch.tensor([4, 0, 2, 2]))  # shares 1/2, 0, 1/4, 1/4 of 4 experts: utilisation 2, 0, 1, 1
+    assert (s["util_p25"], s["util_median"], s["util_p75"]) == pytest.approx((0.75, 1.0, 1.25))
+    assert s["dead_fraction"] == 0.25 and s["dead"] == 1
+    uniform = load_stats(torch.tensor([3, 3, 3]))
+    assert uniform["util_p25"] == uniform["util_p75"] == pytest.approx(1.0) and uniform["dead_fraction"] == 0.0

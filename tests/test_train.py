@@ -514,3 +514,5 @@ def test_a_run_draws_loss_png_and_its_summary_names_the_step0_eval(tmp_path, tin
     assert summary["last_eval_step"] == 3 and summary["best_step"] == 3
     saved = json.loads((run / "summary.json").read_text())
     assert saved["first_eval_loss"] == summary["first_eval_loss"]
+    steps = [e for e in read_metrics(run) if "loss" in e]  # PERFT-R: its routers' load per layer, NeMo's names
+    assert all(len(e["perft_load"]) == 2 and set(e["perft_load"][0]) >= {"layer", "util_median"} for e in steps)

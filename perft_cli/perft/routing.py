@@ -87,7 +87,8 @@ def expert_counts(index: torch.Tensor, num_experts: int, mask: torch.Tensor | No
 
 
 def load_stats(counts: torch.Tensor) -> dict[str, float]:
-    """Summary of one layer's expert load: shares, normalised entropy, coefficient of variation, max share, dead."""
+    """Summary of one layer's expert load: normalised entropy, coefficient of variation, max share, dead experts,
+    and NeMo's load-balance metrics (utilisation quartiles, dead-expert fraction)."""
     c = counts.double()
     total = c.sum().clamp_min(1.0)
     share = c / total  # [N]
@@ -96,9 +97,17 @@ def load_stats(counts: torch.Tensor) -> dict[str, float]:
     entropy = float(-(nz * nz.log()).sum() / torch.log(torch.tensor(float(n)))) if n > 1 else 1.0
     mean = c.mean()
     cv = float(c.std(unbiased=False) / mean) if mean > 0 else 0.0
+    # NeMo's load-balance names: each expert's utilisation is its load relative to a uniform one (share * N, 1 =
+    # uniform), summarised by its quartiles; the dead fraction is the share of experts that got no token.
+    util = (share * n).sort().values  # [N]
+    p25, median, p75 = (float(torch.quantile(util, q)) for q in (0.25, 0.5, 0.75))
     return {
         "entropy": entropy,
         "cv": cv,
         "max_share": float(share.max()),
         "dead": int((c == 0).sum()),
+        "dead_fraction": float((c == 0).sum()) / n,
+        "util_p25": p25,
+        "util_median": median,
+        "util_p75": p75,
     }

@@ -10,8 +10,8 @@ from perft_cli.routing_report.style import arrow, hex_colour, ratio_rgb
 def _svg_heatmap(rows: list[tuple[str, list[float]]], title: str, tips: list[list[str]], uniform: int) -> str:
     """A grid of coloured cells (one row per label), each cell with a tooltip."""
     n = max(len(v) for _, v in rows)
-    cw = max(6, min(22, 900 // max(n, 1)))
-    ch, left, top = 16, 44, 22
+    cw = max(10, min(34, 1150 // max(n, 1)))  # cells a reader can hover and see: 10-34 px wide, 24 px high
+    ch, left, top = 24, 52, 24
     width, height = max(left + n * cw + 4, 7 * len(title)), top + len(rows) * ch + 18
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">']
     parts.append(f'<text x="0" y="14" class="t">{html.escape(title)}</text>')
@@ -163,7 +163,7 @@ def _cooc_svg(r: dict) -> str:
 
 def _html_summary(report: dict) -> str:
     perft = report["perft_num_experts"] is not None
-    head = ["layer", "entropy", "CV", "max share", "dead", "shift", "moved"]
+    head = ["layer", "entropy", "CV", "max share", "dead", "utilisation q1 / median / q3", "shift", "moved"]
     head += ["PERFT entropy", "PERFT max", "PERFT dead"] if perft else []
     rows = []
     for r in report["layers"]:
@@ -174,6 +174,7 @@ def _html_summary(report: dict) -> str:
             arrow(b["cv"], a["cv"]),
             arrow(b["max_share"], a["max_share"], "{:.1%}"),
             f"{b['dead']}→{a['dead']}",
+            " / ".join(arrow(b[q], a[q]) for q in ("util_p25", "util_median", "util_p75")),
             f"{r['shift']:.3f}",
             f"{r['changed_tokens']:.1%}",
         ]

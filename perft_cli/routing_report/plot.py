@@ -42,6 +42,7 @@ def render_png(report: dict, path: Path, fmt: str | None = None) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.colors import LinearSegmentedColormap
+    from matplotlib.ticker import MaxNLocator
 
     colours = [hex_colour(ratio_rgb(s, 1)) for s in (0.25, 0.5, 1.0, 2.0, 4.0)]
     cmap = LinearSegmentedColormap.from_list("ratio", colours).with_extremes(bad="black")
@@ -64,6 +65,7 @@ def render_png(report: dict, path: Path, fmt: str | None = None) -> None:
         ratio = np.ma.masked_invalid(np.where(shares > 0, np.clip(ratio, -2, 2), np.nan))
         im = ax.imshow(ratio, cmap=cmap, vmin=-2, vmax=2, aspect="auto", interpolation="nearest")
         ax.set(title=title, ylabel="MoE layer", yticks=range(len(layers)), yticklabels=layers)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # experts are whole numbers (no 0.5 ticks)
     axes[len(panels) - 1].set_xlabel("expert")
     fig.colorbar(im, ax=axes[: len(panels)], label="log2(share / uniform), black: dead", shrink=0.9)
     ax = axes[-1]

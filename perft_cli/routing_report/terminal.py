@@ -10,16 +10,19 @@ only for the layers with alarms (at most 3, worst first). The HTML page always h
 from __future__ import annotations
 
 from rich import box
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from perft_cli.console import human_count, out
+from perft_cli import console
+from perft_cli.console import human_count
 from perft_cli.routing_report.style import arrow, ratio_rgb
 
 FULL_HISTOGRAMS = 128  # layers x experts up to which every layer gets a histogram in the terminal
 MAX_ALARM_HISTOGRAMS = 3
 MAX_ALARM_LINES = 12
+FILE_WIDTH = 200  # columns of the report when stdout is a file or a pipe
 
 
 def _cells(shares: list[float]) -> list[Text]:
@@ -43,7 +46,7 @@ def _grids(report: dict) -> list[Table]:
     if report["perft_num_experts"]:
         keys.append(("perft", "PERFT router"))
     width = lambda key: len(_cells(report["layers"][0][key]["shares"])[0])  # noqa: E731
-    groups = [keys] if 6 + sum(width(k) + 2 for k, _ in keys) <= out.width else [[k] for k in keys]
+    groups = [keys] if 6 + sum(width(k) + 2 for k, _ in keys) <= _console().width else [[k] for k in keys]
     tables = []
     for group in groups:
         t = Table(box=None, pad_edge=False, padding=(0, 1), show_header=True, header_style="bold")
@@ -121,7 +124,7 @@ def _column_histogram(rep: dict) -> Table:
         ("before (frozen)", _columns(before, scale, False)),
         ("after (fine-tuned)", _columns(after, scale, True)),
     ]
-    side = 2 * n + 12 <= out.width
+    side = 2 * n + 12 <= _console().width
     t = Table(
         title=f"layer {rep['layer']} ({rep['name']}): base router load",
         title_justify="left",
@@ -158,10 +161,15 @@ def _perft_histogram(rep: dict) -> Table:
     return t
 
 
+def _console() -> Console:
+    """stdout's console in a terminal; elsewhere one wide enough that no table column is cut."""
+    return console.out if console.out.is_terminal else Console(highlight=False, width=FILE_WIDTH)
+
+
 def _summary(report: dict) -> Table:
     perft = report["perft_num_experts"] is not None
     t = Table(title="per-layer summary, before→after", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
-    heads = ["layer", "entropy", "CV", "max", "dead", "shift", "moved"]
+    heads = ["layer", "entropy", "CV", "max", "dead", "util q1/q2/q3", "shift", "moved"]
     heads += ["PERFT H", "P max", "P dead"] if perft else []
     for h in [*heads, "alarms"]:
         t.add_column(h, justify="right", no_wrap=True)
@@ -174,6 +182,7 @@ def _summary(report: dict) -> Table:
             arrow(b["cv"], a["cv"]),
             f"{b['max_share']:.0%}→{a['max_share']:.0%}",
             f"{b['dead']}→{a['dead']}",
+            f"{a['util_p25']:.2f}/{a['util_median']:.2f}/{a['util_p75']:.2f}",
             f"{rep['shift']:.2f}",
             f"{rep['changed_tokens']:.0%}",
         ]
@@ -184,14 +193,20 @@ def _summary(report: dict) -> Table:
         t.add_row(*row)
     t.caption = (
         "entropy: normalised, 1 = uniform; CV: std/mean of tokens per expert; max: largest share; dead: experts "
-        "with no tokens; shift: total variation between the before/after load; moved: tokens whose top-k changed"
+        "with no tokens; util: quartiles of each expert's load over a uniform one after fine-tuning (NeMo's "
+        "utilisation; 1 = uniform); shift: total variation between the before/after load; moved: tokens whose "
+        "base top-k changed"
     )
     t.caption_justify = "left"
     return t
 
 
 def print_report(report: dict) -> None:
-    """The terminal view: header, heat-map grids, histograms by the rule above, summary table, alarms."""
+    """The terminal view: header, heat-map grids, histograms by the rule above, summary table, alarms.
+
+    Written to a file or a pipe, the tables get a width of their own (rich would cut them to 80 columns).
+    """
+    out = _console()
     e, k, n_layers = report["base_num_experts"], report["top_k"], report["moe_layers"]
     head = (
         f"[bold]routing[/] through {escape(report['model'])} ({report['family']}, {n_layers} MoE layers, {e} experts, "

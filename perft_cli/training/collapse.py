@@ -26,6 +26,7 @@ class CollapseWatch:
         self.num_experts, self.top_k, self.share, self.steps = num_experts, top_k, share, steps
         self.enabled = 0 < top_k < num_experts
         self.counts: dict[int, torch.Tensor] = {}  # layer -> [N] tokens per expert this step
+        self.loads: dict[int, dict[str, float]] = {}  # layer -> load_stats of the last closed step
         self.tokens = 0
         self.streak: dict[int, int] = {}
         self.reported: set[int] = set()
@@ -46,7 +47,10 @@ class CollapseWatch:
         """Close a step: (the largest expert's token share over layers, newly collapsed layers as events)."""
         if not self.enabled or not self.counts:
             return None, []
+        from perft_cli.perft import load_stats
+
         events, top = [], 0.0
+        self.loads = {layer: load_stats(c) for layer, c in sorted(self.counts.items())}
         for layer, c in sorted(self.counts.items()):
             share = c.double() / max(self.tokens, 1)  # [N] fraction of tokens choosing each expert
             s, e = float(share.max()), int(share.argmax())
