@@ -413,3 +413,25 @@ def test_batched_generation_matches_one_at_a_time(tiny_model_dir, tmp_path):
     assert batched == single
     assert plain == batched  # the shared prompt prefill (once per example, not per beam) changes no answer
     assert all(r.startswith("the correct answer is") for r in batched[::2])  # the response keeps the pre-fill
+
+
+def test_only_the_papers_whole_groups_on_a_bf16_backbone_are_comparable():
+    """A one- or seven-task average, an average of a kind with no task, a 4-bit or fp32 backbone: not the paper's."""
+    from perft_cli.evaluate import _average_differs, _backbone_differs
+    from perft_cli.evaluation.tasks import ARITHMETIC_TASKS, COMMONSENSE_TASKS
+
+    assert _backbone_differs("none", "bfloat16") == []
+    assert _backbone_differs("nf4", "bfloat16") == ["nf4 (4-bit) backbone (the paper evaluated on bf16)"]
+    assert _backbone_differs("none", "float32") == ["float32 backbone (the paper evaluated on bfloat16)"]
+    ok = {"kind": "commonsense", "comparable": True}
+    one = {"boolq": ok}
+    assert _average_differs(one, "commonsense")[0].startswith("1 of the paper's 8 commonsense tasks (missing: piqa,")
+    seven = {name: ok for name in COMMONSENSE_TASKS[:7]}
+    assert _average_differs(seven, "commonsense") == ["7 of the paper's 8 commonsense tasks (missing: openbookqa)"]
+    assert _average_differs(seven, "arithmetic") == ["no arithmetic task was evaluated"]
+    every = {name: ok for name in COMMONSENSE_TASKS}
+    assert _average_differs(every, "commonsense") == []
+    every["piqa"] = {"kind": "commonsense", "comparable": False}
+    assert _average_differs(every, "commonsense") == ["a task in it is not comparable"]
+    math = {name: {"kind": "arithmetic", "comparable": True} for name in ARITHMETIC_TASKS}
+    assert _average_differs(math, "arithmetic") == []

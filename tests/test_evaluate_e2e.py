@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -80,10 +81,19 @@ def test_eval_checkpoint_writes_table_json_and_examples(setup, tmp_path):
     assert result["recipe"]["adapter"]["variant"] == "perft-r"
     # Custom tasks and changed decoding are never labelled comparable with the paper, nor their averages.
     assert result["tasks"]["demo_choice"]["comparable"] is False and result["tasks"]["demo_choice"]["complete"]
-    assert result["tasks"]["demo_choice"]["not_comparable_because"] == ["custom task", "8 new tokens (protocol: 4)"]
+    assert result["tasks"]["demo_choice"]["not_comparable_because"] == [
+        "float32 backbone (the paper evaluated on bfloat16)",
+        "custom task",
+        "8 new tokens (protocol: 4)",
+    ]
+    data_file = Path(result["tasks"]["demo_choice"]["data_file"])
+    assert result["tasks"]["demo_choice"]["data_sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()
+    assert result["averages_not_comparable_because"]["commonsense"][0].startswith("0 of the paper's 8 commonsense")
     assert "8 new tokens (protocol: 256)" in result["tasks"]["demo_math"]["not_comparable_because"]
     assert result["averages_comparable"] == {"commonsense": False, "arithmetic": False}
-    assert "not comparable" in result["protocol_note"] and "not comparable with published" in r.stdout
+    assert "not comparable with the PERFT paper's numbers" in result["protocol_note"]
+    said = " ".join(r.stdout.split())  # the caption wraps at the console's width
+    assert "not comparable with published" in said and "average commonsense: 0 of the paper's 8" in said
     rows = [json.loads(line) for line in Path(result["examples_file"]).read_text().splitlines()]
     first = rows[0]
     assert first["prompt"] == eval_prompt("Is item 0 red? Option1: yes Option2: no", "", commonsense=True)
