@@ -8,6 +8,7 @@ parameter names and the LoRA weights keep peft's ``lora_`` names).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,8 @@ from perft_cli.perft import (
 )
 
 LORA_PREFIX = "lora_"  # peft's name for the baseline's weights (PERFT's own carry perft.PREFIX)
+# model -> {parameter name: requires_grad} before the LoRA baseline froze it (the core keeps its own for PERFT).
+_LORA_FOUND: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -69,7 +72,31 @@ def perft_config(cfg: AdapterConfig) -> PerftConfig:
 # state dict, load a state dict, and the trainable / activated counts.
 
 
+def _unsorted_topk(ref: MoEBlockRef) -> bool:
+    """Does this family pick its top-k with ``torch.topk(..., sorted=False)`` (DeepSeek-V2/V3 and their kin)?
+
+    Read from the source of transformers' own router and block classes (read, never run); no source: assume
+    sorted, as transformers' other routers are.
+    """
+    import inspect
+
+    for cls in (type(ref.router), type(ref.block)):
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        if "sorted=False" in source.replace(" ", ""):
+            return True
+    return False
+
+
 def _attach_perft(model: nn.Module, cfg: AdapterConfig, family: MoEFamily, info: Attached) -> None:
+    if cfg.scale_by_base_router and cfg.variant == "perft-r" and any(_unsorted_topk(b) for b in info.blocks[:1]):
+        raise RecipeError(
+            f"adapter.scale_by_base_router weighs PERFT-R's j-th expert by the base router's j-th top-k slot, but "
+            f"{family.display} returns its top-k unsorted (torch.topk sorted=False), so slot j means nothing; set "
+            "adapter.scale_by_base_router: false (the paper's equation)"
+        )
     try:  # adapter.top_k against adapter.num_experts is checked with the recipe (config.py), the rest by the core
         adapters = attach(model, info.blocks, perft_config(cfg), info.recorder)
     except ValueError as e:
@@ -100,6 +127,7 @@ def _attach_lora(model: nn.Module, cfg: AdapterConfig, family: MoEFamily, info: 
         target_modules=_lora_targets(model, cfg, family),
         bias="none",
     )
+    _LORA_FOUND[model] = {n: p.requires_grad for n, p in model.named_parameters()}
     inject_adapter_in_model(lora, model)
     for name, p in model.named_parameters():
         p.requires_grad_(LORA_PREFIX in name)
@@ -114,6 +142,10 @@ def _detach_lora(model: nn.Module) -> None:
         if isinstance(module, BaseTunerLayer):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+    flags = _LORA_FOUND.pop(model, {})  # the base trains (or not) again as it did before attach
+    for name, p in model.named_parameters():
+        if name in flags:
+            p.requires_grad_(flags[name])
 
 
 def _lora_params(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -50,3 +50,16 @@ def test_an_unknown_recipe_names_the_shipped_ones(tmp_path):
     result = CliRunner().invoke(app, ["recipes", "copy", "nope", str(tmp_path / "x.yaml")])
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert "no shipped recipe 'nope'; the shipped ones are demo, " in result.stderr
+
+
+def test_olmoe_recipes_reproduce_the_papers_code_beside_its_equation():
+    for task in ("commonsense", "math"):
+        equation = load_recipe(ROOT / "recipes" / f"olmoe_perft_r_{task}.yaml")
+        code = load_recipe(ROOT / "recipes" / f"olmoe_perft_r_{task}_paper_code.yaml")
+        assert not equation.adapter.scale_by_base_router and code.adapter.scale_by_base_router
+        assert equation.model_dump(exclude={"adapter", "output_dir"}) == code.model_dump(
+            exclude={"adapter", "output_dir"}
+        )
+        assert (
+            "paper's released OLMoE code" in (ROOT / "recipes" / f"olmoe_perft_r_{task}_paper_code.yaml").read_text()
+        )

@@ -6,6 +6,7 @@ rest", "save the adapters" and "count trainable" are name filters, as in peft.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import Any, Protocol
 
@@ -16,6 +17,8 @@ from perft_cli.perft.block import PerftAdapter, PerftConfig, RoutingRecorder
 
 PREFIX = "perft_"
 ATTR = "perft_adapter"
+# model -> {parameter name: requires_grad} as attach found them, for detach to give back (not stored on the model).
+_FOUND_REQUIRES_GRAD: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
 # Every adapter weight perft trains carries one of these in its name: PERFT's own prefix, or peft's for the LoRA
 # baseline. "Is this an adapter parameter?" is this one name test everywhere (accounting, audit, lm-eval summary).
 ADAPTER_MARKERS = (PREFIX, "lora_")
@@ -52,6 +55,13 @@ def _block_hook(block: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any
 def _router_hook(router: nn.Module, args: tuple, output: Any) -> None:
     # Routers return (logits [T, E], topk_weights [T, k], topk_index [T, k]) with the family's scaling applied.
     # Handed to the block hook of the same call and cleared there: no routing state outlives one block forward.
+    # Some routers append more (Inkling: shared-expert gammas); one that returns less cannot feed PERFT-E.
+    if not (isinstance(output, tuple) and len(output) >= 3 and output[1].shape == output[2].shape):
+        got = [tuple(t.shape) for t in output] if isinstance(output, tuple) else type(output).__name__
+        raise RuntimeError(
+            f"the router {type(router).__name__} returned {got}, not (logits [T, E], top-k weights [T, k], top-k "
+            "index [T, k]); PERFT-E needs the top-k weights and index"
+        )
     router._perft_owner._captured = (output[1], output[2])
 
 
@@ -66,7 +76,7 @@ def attach(
         raise RuntimeError("PERFT adapters are already attached to this model; detach them first")
     adapters = []
     for ref in blocks:
-        device = ref.router.weight.device
+        device = next(ref.router.parameters()).device  # some routers wrap a Linear (no .weight of their own)
         adapter = PerftAdapter(config, ref.hidden_size, ref.num_experts, ref.top_k, ref.layer, recorder, device)
         adapter.train(ref.block.training)  # follow the model's mode (dropout off in eval)
         adapter._captured = None
@@ -78,12 +88,14 @@ def attach(
         object.__setattr__(adapter, "_router", ref.router)  # a reference, not a submodule (stays frozen)
         ref.block.perft_adapter = adapter
         adapters.append(adapter)
+    _FOUND_REQUIRES_GRAD[model] = {n: p.requires_grad for n, p in model.named_parameters() if PREFIX not in n}
     freeze_base(model)
     return adapters
 
 
 def detach(model: nn.Module) -> int:
-    """Remove every PERFT adapter and its hooks; the model is the frozen base again. Returns how many."""
+    """Remove every PERFT adapter and its hooks, and give every base parameter back the ``requires_grad`` it had
+    before ``attach``: the model is the base again, as it was found. Returns how many adapters were removed."""
     found = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, ATTR, None), PerftAdapter)]
     for _, block in found:
         adapter = getattr(block, ATTR)
@@ -92,6 +104,11 @@ def detach(model: nn.Module) -> int:
         if hasattr(adapter._router, "_perft_owner"):
             object.__delattr__(adapter._router, "_perft_owner")
         delattr(block, ATTR)
+    flags = _FOUND_REQUIRES_GRAD.pop(model, None)
+    if found and flags is not None:  # the base's parameters train (or not) again as they did before attach
+        for name, p in model.named_parameters():
+            if name in flags:
+                p.requires_grad_(flags[name])
     return len(found)
 
 
