@@ -294,11 +294,23 @@ def merge(
     ckpt: CkptOpt,
     out: Annotated[Path, typer.Option("--out", help="Directory to write the self-contained model to.")],
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
+    dtype: Annotated[
+        str | None,
+        typer.Option("--dtype", help="Dtype of the exported base: bfloat16, float16 or float32 (default: the run's)."),
+    ] = None,
+    fmt: Annotated[
+        str,
+        typer.Option("--format", help="model (default), or peft: the LoRA baseline as a peft adapter folder."),
+    ] = "model",
+    collapse: Annotated[
+        bool,
+        typer.Option("--collapse", help="PERFT-D (lora form): ship its N experts as one exact expert of rank N*r."),
+    ] = False,
 ) -> None:
     """Fold (LoRA) or export (PERFT) the trained adapters with the base into one verified model directory."""
     from perft_cli.merge import run_merge
 
-    run_merge(ckpt=ckpt, out=out, force=force)
+    run_merge(ckpt=ckpt, out=out, force=force, dtype=dtype, fmt=fmt, collapse=collapse)
 
 
 @app.command("inspect-routing")

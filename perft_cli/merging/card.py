@@ -25,7 +25,10 @@ def model_card(recipe: Any, result: dict[str, Any], family: str) -> str:
     a, variant = recipe.adapter, result["variant"]
     base = recipe.model.name_or_path
     hub_like = not Path(base).exists() and base.count("/") <= 1
-    front = ["---", "library_name: " + ("transformers" if variant == "lora" else "perft-cli"), "tags: [perft, moe]"]
+    peft_folder = result.get("format") == "peft"
+    library = "peft" if peft_folder else "transformers"
+    tags = "tags: [perft, moe]" if variant == "lora" else "tags: [perft, moe, custom_code]"
+    front = ["---", f"library_name: {library}", tags]
     front += [f"base_model: {base}"] if hub_like else []
     shape = {
         "perft-r": f"N={a.num_experts} PEFT experts, top-K={a.top_k} by a new router",
@@ -55,19 +58,49 @@ def model_card(recipe: Any, result: dict[str, Any], family: str) -> str:
     if v["fold_error_rounding_units"] is not None:
         fold = f"- fold check: every merged weight within {v['fold_error_rounding_units']:.2f}x the rounding bound"
         lines.insert(lines.index("## How to load") - 1, fold + " of the exact W + s*B@A")
-    if variant == "lora":
+    if peft_folder:
+        lines += [
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f'base = AutoModelForCausalLM.from_pretrained("{base}", dtype="{result["dtype"]}")',
+            'model = PeftModel.from_pretrained(base, "PATH")',
+            'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+        ]
+    elif variant == "lora":
         lines += [
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
             'model = AutoModelForCausalLM.from_pretrained("PATH", dtype="auto")',
             'tokenizer = AutoTokenizer.from_pretrained("PATH")',
         ]
     else:
-        lines += ["from perft_cli.merge import load_merged", 'model, tokenizer = load_merged("PATH")']
+        lines += [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)',
+            'tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)  # it reads config.json too',
+        ]
     lines += ["```", "", f"PATH is this directory (written as `{result['out']}`).", ""]
     if variant != "lora":
+        iso = v.get("isolated") or {}
+        checked = (
+            f" Checked by perft merge in a Python process where perft cannot be imported: max |logit difference| "
+            f"{iso['max_abs_logit_diff']:.3g} to the unmerged model."
+            if iso.get("passed")
+            else ""
+        )
         lines += [
-            "The PERFT experts run from forward hooks beside each MoE block (`pip install perft-cli`). Evaluate with",
-            "`perft eval --ckpt PATH`. Files: `model.safetensors` (the base), `adapter.safetensors`, `recipe.yaml`.",
+            "The PERFT experts run beside each MoE block from its input; they cannot be folded into the base",
+            "weights. `trust_remote_code=True` runs `modeling_perft.py` from this folder (torch and transformers",
+            "only, a short file: read it first). Without it, transformers refuses to load the folder (its model type",
+            "`perft_moe` is not a transformers model): the base is never loaded silently without its adapters."
+            + checked,
+            "",
+            "Files: `model-base.safetensors` (the base, its own parameter names), `adapter.safetensors` (the",
+            "PERFT weights, float32), `config.json` (`text_config`: the base config; `perft`: the adapter), `base/`",
+            "(the base config for perft's own loader), `recipe.yaml`. With perft installed: `perft eval --ckpt PATH`",
+            "or `from perft_cli.merge import load_merged` (perft's own code, not the shipped file).",
+            "",
+            "Serving: vLLM's Transformers backend (`vllm serve PATH --trust-remote-code --model-impl",
+            "transformers`) and SGLang load custom-code folders of this kind; neither was tried with this export.",
             "",
         ]
     if result.get("eval"):
@@ -105,10 +138,21 @@ def print_merge(result: dict[str, Any]) -> None:
             f"rounding bound of the exact W + s*B@A; saved vs folded in memory: max |logit diff| "
             f"{v['roundtrip_max_abs_diff']:.3g}"
         )
-    if result["folded"]:
+    iso = v.get("isolated")
+    if iso:
+        out.print(
+            f"  plain transformers (perft not importable): max |logit diff| {iso['max_abs_logit_diff']:.3g} <= "
+            f"{iso['tolerance']:.3g}; without trust_remote_code it refuses to load"
+        )
+    if result.get("format") == "peft":
+        out.print(f"  load: PeftModel.from_pretrained(base_model, {escape(repr(result['out']))})")
+    elif result["folded"]:
         out.print(f"  load: AutoModelForCausalLM.from_pretrained({escape(repr(result['out']))})")
     else:
         out.print(
-            f"  load: from perft_cli.merge import load_merged; model, tok = load_merged({escape(repr(result['out']))})"
-            f"  or  perft eval --ckpt {escape(result['out'])}"
+            f"  load: AutoModelForCausalLM.from_pretrained({escape(repr(result['out']))}, trust_remote_code=True)"
+        )
+        out.print(
+            f"  with perft: perft eval --ckpt {escape(result['out'])}  or  "
+            f"load_merged({escape(repr(result['out']))}) (perft's own loader)"
         )

@@ -24,17 +24,21 @@ SAMPLE_PROMPTS = (
 SAMPLE_TOKENS = 96  # per prompt: enough to pass every layer's routing through many experts, cheap on a CPU
 
 
-def _sample_inputs(tokenizer: Any) -> dict[str, torch.Tensor]:
+def sample_texts() -> list[str]:
+    """The fixed sample prompts as the model sees them (the evaluation templates of method.md)."""
     from perft_cli.prompts import eval_prompt
 
-    texts = [eval_prompt(SAMPLE_PROMPTS[0], commonsense=True), eval_prompt(SAMPLE_PROMPTS[1]), SAMPLE_PROMPTS[2]]
-    return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=SAMPLE_TOKENS)
+    return [eval_prompt(SAMPLE_PROMPTS[0], commonsense=True), eval_prompt(SAMPLE_PROMPTS[1]), SAMPLE_PROMPTS[2]]
+
+
+def sample_inputs(tokenizer: Any) -> dict[str, torch.Tensor]:
+    return tokenizer(sample_texts(), return_tensors="pt", padding=True, truncation=True, max_length=SAMPLE_TOKENS)
 
 
 @torch.no_grad()
 def sample_logits(model: Any, tokenizer: Any) -> torch.Tensor:
     """float32 logits of the fixed sample prompts at their real (non-padding) positions: [P, V]."""
-    batch = _sample_inputs(tokenizer)
+    batch = sample_inputs(tokenizer)
     device = model.get_input_embeddings().weight.device
     logits = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).logits  # [B, S, V]
     return logits.float()[batch["attention_mask"].bool().to(device)].cpu()  # [P, V]
