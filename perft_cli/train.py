@@ -47,6 +47,7 @@ from perft_cli.training.state import Position, fresh_position, restore, save
 from perft_cli.training.step import (
     apply_update,
     check_finite,
+    check_update,
     clip_gradients,
     evaluate,
     next_micro_batches,
@@ -108,6 +109,7 @@ def run_train(recipe: Recipe, *, resume: str | None = None, dry_run: bool = Fals
                 check_finite(run, pos, stats)
                 stats["lr"] = apply_update(run)
                 pos.advance(run.steps_per_epoch)
+                check_update(run, pos)  # no checkpoint of diverged weights
                 session_tokens += stats["tokens"]
                 seconds = timer.lap()
                 train_seconds += seconds

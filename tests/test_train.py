@@ -516,3 +516,30 @@ def test_a_run_draws_loss_png_and_its_summary_names_the_step0_eval(tmp_path, tin
     assert saved["first_eval_loss"] == summary["first_eval_loss"]
     steps = [e for e in read_metrics(run) if "loss" in e]  # PERFT-R: its routers' load per layer, NeMo's names
     assert all(len(e["perft_load"]) == 2 and set(e["perft_load"][0]) >= {"layer", "util_median"} for e in steps)
+
+
+def test_an_update_that_diverges_is_never_saved(tmp_path, tiny_model_dir, monkeypatch):
+    """Finite loss and gradients, but the step itself overflows a weight: the run stops before saving that state."""
+    import perft_cli.train
+
+    recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir("olmoe"), train={"max_steps": 8, "save_every": 1}))
+    real, calls = perft_cli.train.apply_update, {"n": 0}
+
+    def overflowing(run):
+        lr = real(run)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                run.params[0].view(-1)[0] = float("inf")
+        return lr
+
+    monkeypatch.setattr(perft_cli.train, "apply_update", overflowing)
+    with pytest.raises(
+        TrainingError, match=r"the update of step 3 made adapter weights non-finite \(.*perft_.*step-00000002"
+    ):
+        run_train(recipe)
+    run = Path(recipe.output_dir)
+    assert not (run / CKPT_DIR / "step-00000003").exists()  # the diverged state was not written
+    assert latest_checkpoint(run).name == "step-00000002"
+    weights = load_adapter_weights(latest_checkpoint(run))
+    assert all(torch.isfinite(t).all() for t in weights.values())

@@ -137,6 +137,22 @@ def check_finite(run: Run, pos: Position, stats: dict[str, Any]) -> None:
     )
 
 
+def check_update(run: Run, pos: Position) -> None:
+    """Stop when the update itself made an adapter weight non-finite (finite loss and gradients, an overflowing step):
+    the run ends before this state is saved, so no checkpoint ever holds diverged weights. ``pos`` is after the step.
+    One reduction and one host sync over the adapter (small next to a step)."""
+    finite = torch.stack([p.detach().isfinite().all() for p in run.params]).all()
+    if bool(finite):
+        return
+    bad = next(name for name, p in run.unwrapped.named_parameters() if p.requires_grad and not p.isfinite().all())
+    last = ck.latest_checkpoint(run.run_dir)
+    raise TrainingError(
+        f"the update of step {pos.step} made adapter weights non-finite ({bad}); stopped without saving it. Last good "
+        f"checkpoint: {last if last else 'none'}. Lower train.lr (now {run.recipe.train.lr:g}) or set "
+        "train.max_grad_norm"
+    )
+
+
 def apply_update(run: Run) -> float:
     """AdamW step, schedule step, clear gradients; returns the learning rate the step used."""
     lr = run.optimizer.param_groups[0]["lr"]
