@@ -201,6 +201,9 @@ def train(
         hint = shlex.join([*again, "--resume", "auto"])  # quoted, so it can be pasted into a shell as it is
         info(f"interrupted at step {result['step']}; saved {saved}. Resume with: {hint}")
         raise typer.Exit(130)
+    if result.get("interrupted_after_end"):
+        info(f"interrupted after the last step: the run is complete; saved {result['last_checkpoint']}")
+        raise typer.Exit(130)
 
 
 @app.command()

@@ -5,6 +5,8 @@ stop hard or dump its state at a chosen point. For every user they are unset, an
   would (the kill -9 resume tests).
 - ``PERFT_TEST_DUMP_ADAPTER=DIR``: at the end of training, every process writes its adapter weights to
   ``DIR/rank<r>.safetensors`` (the data-parallel tests compare the ranks).
+- ``PERFT_TEST_SIGINT_AT=final-eval|summary``: the process sends itself SIGINT (a Ctrl-C) at that point after the
+  last step, at the very moment a user's would land there.
 """
 
 from __future__ import annotations
@@ -19,12 +21,19 @@ if TYPE_CHECKING:
 
 KILL_ENV = "PERFT_TEST_KILL_AT_STEP"
 DUMP_ENV = "PERFT_TEST_DUMP_ADAPTER"
+SIGINT_ENV = "PERFT_TEST_SIGINT_AT"
 
 
 def kill_after_save(step: int) -> None:
     """SIGKILL this process if the tests asked for a hard kill after the checkpoint of ``step``."""
     if os.environ.get(KILL_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sigint_at(stage: str) -> None:
+    """A Ctrl-C now, if the tests asked for one at ``stage``."""
+    if os.environ.get(SIGINT_ENV) == stage:
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def dump_adapter(state: dict[str, torch.Tensor], rank: int) -> None:

@@ -128,13 +128,27 @@ def run_train(recipe: Recipe, *, resume: str | None = None, dry_run: bool = Fals
         unlock_run_dir(run_dir)
         raise
     progress.close()
-    plot.update(force=True)
     try:
+        testing_hooks.sigint_at("summary")
+        plot.update(force=True)
         summary = finish(run, pos, status, timer.total(), train_seconds, session_tokens)
         teardown(accelerator, clean=True)
+    except KeyboardInterrupt:  # a Ctrl-C after the last step: every step is saved, only the summary is lost
+        say_interrupted_after_end(run, pos)
+        raise
     finally:
         unlock_run_dir(run_dir)
+    if stop["stop"] and status == "done":  # a Ctrl-C during the final eval: the run finished anyway
+        summary["interrupted_after_end"] = True
     return summary
+
+
+def say_interrupted_after_end(run: Run, pos: Position) -> None:
+    last = ck.latest_checkpoint(run.run_dir)
+    info(
+        f"interrupted after the last step ({pos.step}/{run.total_steps}): the run is complete and saved in {last}; "
+        "summary.json was not written"
+    )
 
 
 def check_eval_tasks(recipe: Recipe) -> None:
@@ -189,6 +203,8 @@ def log_eval(run: Run, pos: Position, metrics: MetricsLog, progress: TrainProgre
     """Eval loss; a new best (after step 0) is saved as a checkpoint and named in best.json."""
     if not len(run.val_set):
         return
+    if pos.step == run.total_steps:
+        testing_hooks.sigint_at("final-eval")
     loss = evaluate(run)
     pos.last_eval = pos.step
     metrics.write({"step": pos.step, "epoch": round(pos.progress(run.steps_per_epoch), 4), "eval_loss": loss})

@@ -543,3 +543,18 @@ def test_an_update_that_diverges_is_never_saved(tmp_path, tiny_model_dir, monkey
     assert latest_checkpoint(run).name == "step-00000002"
     weights = load_adapter_weights(latest_checkpoint(run))
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["final-eval", "summary"])
+def test_ctrl_c_after_the_last_step_exits_130_with_the_run_complete(tmp_path, tiny_model_dir, stage):
+    from perft_cli.testing_hooks import SIGINT_ENV
+
+    recipe = make_recipe(tmp_path, tiny_model_dir("olmoe"), train={"max_steps": 3})
+    proc = perft([str(recipe)], env={SIGINT_ENV: stage})
+    err = wait(proc, timeout=180)
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])  # not killed by the signal, not 0 or 1
+    assert "Traceback" not in err and "Aborted" not in err
+    last = latest_checkpoint(tmp_path / "run")
+    assert last is not None and last.name == "step-00000003"
+    assert f"the run is complete{';' if stage == 'final-eval' else ' and'} saved" in err, err[-2000:]
