@@ -182,9 +182,17 @@ def load_adapter_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(Path(ckpt) / ADAPTER_FILE))
+        weights = load_file(str(Path(ckpt) / ADAPTER_FILE))
     except Exception as e:  # safetensors raises its own error types for truncated / foreign files
         raise CheckpointError(f"cannot read {Path(ckpt) / ADAPTER_FILE}: {e}") from None
+    bad = [name for name, t in weights.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:  # NaN / inf weights would only show up later as "verification failed: nan" or NaN accuracies
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"{Path(ckpt) / ADAPTER_FILE} holds non-finite values in {bad[0]}{more}: these adapter weights diverged; "
+            "use an earlier checkpoint of the run"
+        )
+    return weights
 
 
 def step_dir(run_dir: Path, step: int) -> Path:

@@ -175,10 +175,11 @@ def run_merge(
         )
     from perft_cli.merging import export
     from perft_cli.merging.verification import sample_logits, verify  # torch: once the arguments are known right
-    from perft_cli.modeling import load_trained
+    from perft_cli.modeling import check_trained_weights, load_trained
 
+    weights = check_trained_weights(path, base)  # a damaged adapter file is one line, before the progress line
     info(f"loading {recipe.model.name_or_path} ({dtype}) and the {variant} adapter from {path}")
-    model, tokenizer, _, family, _ = load_trained(path, recipe=base)  # in eval mode
+    model, tokenizer, _, family, _ = load_trained(path, recipe=base, weights=weights)  # in eval mode
     reference = sample_logits(model, tokenizer)  # [P, V] the unmerged model
 
     tmp = out.parent / f".{out.name}.merging-{os.getpid()}"  # not ".tmp*": is_checkpoint must accept it

@@ -185,14 +185,16 @@ def load_trained(
     *,
     base: bool = False,
     recipe: Recipe | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Any, Any, Recipe, Any, Any]:
     """Load the base model the checkpoint's recipe names, attach and load the trained adapters.
 
     Returns (model in eval mode, tokenizer, recipe, family, attached) where attached is None with ``base=True``
-    (the frozen model, for the "before" column). ``recipe`` overrides the checkpoint's (e.g. another quantization).
+    (the frozen model, for the "before" column). ``recipe`` overrides the checkpoint's (e.g. another quantization);
+    ``weights`` are the adapter weights if the caller has already read them with ``check_trained_weights``.
     """
     from perft_cli.adapters import attach_adapter, load_adapter_state
-    from perft_cli.checkpoint import RECIPE_FILE, load_adapter_weights, load_checkpoint_recipe, resolve_checkpoint
+    from perft_cli.checkpoint import RECIPE_FILE, load_checkpoint_recipe, resolve_checkpoint
 
     path = resolve_checkpoint(ckpt) if ckpt is not None else None
     if recipe is None:
@@ -205,13 +207,52 @@ def load_trained(
             f"the base model of {path} ({name}) does not exist any more; put it back there, or edit "
             f"model.name_or_path in {path / RECIPE_FILE} (perft eval also takes --set model.name_or_path=DIR)"
         )
+    if base:
+        weights = None
+    else:
+        if path is None:
+            raise CheckpointError("evaluating adapters needs --ckpt DIR")
+        if weights is None:
+            weights = check_trained_weights(path, recipe)  # damaged or foreign weights: one line before the load
     model, family = load_model(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     attached = None
-    if not base:
-        if path is None:
-            raise CheckpointError("evaluating adapters needs --ckpt DIR")
+    if weights is not None:
         attached = attach_adapter(model, recipe.adapter, family)
-        load_adapter_state(model, recipe.adapter.variant, load_adapter_weights(path))
+        load_adapter_state(model, recipe.adapter.variant, weights)
     model.eval()
     return model, tokenizer, recipe, family, attached
+
+
+def check_trained_weights(ckpt: Path, recipe: Recipe) -> dict[str, torch.Tensor]:
+    """A checkpoint's adapter weights, checked against the model they are for before any weight is loaded.
+
+    Reads adapter.safetensors (non-finite values are refused there) and compares every name and shape with the
+    adapter attached to the model built on the meta device from its config alone (seconds, no memory), so a tensor
+    of the wrong shape is one line before minutes of loading, not after them.
+    """
+    from perft_cli.adapters import attach_adapter
+    from perft_cli.checkpoint import ADAPTER_FILE, load_adapter_weights
+    from perft_cli.perft import is_adapter_param
+
+    weights = load_adapter_weights(ckpt)
+    config, family = load_config(recipe.model)
+    meta = meta_model(config, DTYPES[recipe.model.dtype])
+    attach_adapter(meta, recipe.adapter, family)
+    expected = {n: tuple(p.shape) for n, p in meta.named_parameters() if is_adapter_param(n)}
+    where = Path(ckpt) / ADAPTER_FILE
+    for name, shape in expected.items():
+        if name not in weights:
+            raise CheckpointError(f"{where} has no {name}; was the checkpoint trained with another adapter or model?")
+        if tuple(weights[name].shape) != shape:
+            raise CheckpointError(
+                f"{where}: adapter weight {name} has shape {tuple(weights[name].shape)}, expected {shape}; was the "
+                "checkpoint trained with another adapter or model?"
+            )
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        raise CheckpointError(
+            f"{where} holds weights this model's adapter does not have ({unexpected[0]}, {len(unexpected)} in all); "
+            "was the checkpoint trained with another adapter or model?"
+        )
+    return weights

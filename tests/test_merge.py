@@ -215,3 +215,37 @@ def test_merged_lora_output_passed_as_ckpt(tiny_model_dir, tmp_path):
     assert evaluated.exit_code == 0, evaluated.output
     result = json.loads((tmp_path / "res.json").read_text())
     assert result["model"] == str((tmp_path / "out").resolve()) and result["adapted"] is False
+
+
+def test_a_non_finite_adapter_is_named_not_a_failed_verification(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", tiny_model_dir("olmoe"))
+    weights = load_file(str(ckpt / "adapter.safetensors"))
+    name = sorted(weights)[1]
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, str(ckpt / "adapter.safetensors"))
+    result = CliRunner().invoke(app, ["merge", "--ckpt", str(ckpt), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+    assert f"holds non-finite values in {name}" in result.stderr and "verification" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_wrong_shaped_adapter_tensor_is_one_line_before_any_progress(tiny_model_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    import perft_cli.modeling
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", tiny_model_dir("olmoe"))
+    weights = load_file(str(ckpt / "adapter.safetensors"))
+    name = sorted(weights)[0]
+    weights[name] = weights[name][..., :1].contiguous()  # a tensor of another shape (a foreign or damaged file)
+    save_file(weights, str(ckpt / "adapter.safetensors"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr(perft_cli.modeling, "load_model", refuse)
+    result = CliRunner().invoke(app, ["merge", "--ckpt", str(ckpt), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output  # no "loading ..." line first
+    assert f"adapter weight {name} has shape" in result.stderr and "another adapter or model" in result.stderr

@@ -558,3 +558,25 @@ def test_ctrl_c_after_the_last_step_exits_130_with_the_run_complete(tmp_path, ti
     last = latest_checkpoint(tmp_path / "run")
     assert last is not None and last.name == "step-00000003"
     assert f"the run is complete{';' if stage == 'final-eval' else ' and'} saved" in err, err[-2000:]
+
+
+def test_resume_from_a_wrong_shaped_adapter_is_one_line_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    import perft_cli.modeling
+    from perft_cli.errors import CheckpointError
+
+    recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir("olmoe"), train={"max_steps": 2}))
+    run_train(recipe)
+    ckpt = latest_checkpoint(Path(recipe.output_dir))
+    weights = load_file(str(ckpt / ADAPTER_FILE))
+    name = sorted(weights)[-1]
+    weights[name] = torch.zeros(3, 3)
+    save_file(weights, str(ckpt / ADAPTER_FILE))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr(perft_cli.modeling, "load_model", refuse)
+    with pytest.raises(CheckpointError, match=rf"adapter weight {name} has shape \(3, 3\), expected"):
+        run_train(recipe, resume="auto")

@@ -93,6 +93,9 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: str | None) -> Path |
         differ = check_resume_compatible(ck.load_checkpoint_recipe(ckpt), recipe, ckpt)
         check_resumable(ckpt)
         saved_state(ckpt)  # a truncated trainer_state.json: one line now, not after the model has loaded
+        from perft_cli.modeling import check_trained_weights
+
+        check_trained_weights(ckpt, recipe)  # a damaged or foreign adapter file, likewise (meta device, seconds)
         if differ:
             warn(f"resuming {ckpt} with different settings ({', '.join(differ)}): the run will not be exact")
     return ckpt
