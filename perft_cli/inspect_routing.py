@@ -211,4 +211,36 @@ def run_inspect(
             routing_report.render_png(report, tmp["--png"], png_format)
     for path in outputs.values():
         info(f"wrote {path}")
+    logged = log_to_run(report)
+    if logged is not None:
+        info(f"per-layer routing statistics appended to {logged}")
     return report
+
+
+def log_to_run(report: dict[str, Any]) -> Path | None:
+    """Append the per-layer routing numbers to the run's metrics.jsonl, as one ``routing`` event at the checkpoint's
+    step (the share of tokens whose base top-k changed, and NeMo's load-balance metrics before and after), so a run's
+    log holds them beside its losses. Returns the file, or None for a checkpoint outside a run directory."""
+    from perft_cli.checkpoint import run_dir_of
+    from perft_cli.training.progress import METRICS_FILE
+
+    ckpt = Path(report["checkpoint"])
+    run = run_dir_of(ckpt)
+    metrics = run / METRICS_FILE if run is not None else None
+    if metrics is None or not metrics.is_file():
+        return None
+    keys = ("util_p25", "util_median", "util_p75", "dead_fraction")
+    layers = [
+        {
+            "layer": r["layer"],
+            "changed_tokens": round(r["changed_tokens"], 4),
+            **{f"base_{k}": round(r["after"]["stats"][k], 4) for k in keys},
+            **{f"base_{k}_before": round(r["before"]["stats"][k], 4) for k in keys},
+        }
+        for r in report["layers"]
+    ]
+    step = int(ckpt.name.removeprefix("step-")) if ckpt.name.startswith("step-") else None
+    event = {"step": step, "event": "routing", "checkpoint": ckpt.name, "tokens": report["tokens"], "layers": layers}
+    with open(metrics, "a") as fh:
+        fh.write(json.dumps(event) + "\n")
+    return metrics

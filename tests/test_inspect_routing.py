@@ -218,6 +218,7 @@ def cli_run(tiny_model_dir, data_file, tmp_path_factory):
     """`perft inspect-routing` through the CLI on a run directory, writing all three files."""
     root = tmp_path_factory.mktemp("routing-cli")
     checkpoint(root / "run" / "checkpoints" / "step-00000001", tiny_model_dir("qwen2_moe"), "perft-r")
+    (root / "run" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")  # as training left it
     files = {ext: root / f"routing.{ext}" for ext in ("json", "html", "png")}
     args = ["inspect-routing", "--ckpt", str(root / "run"), "--data", str(data_file), "--limit", "3"]
     args += [x for ext, path in files.items() for x in (f"--{ext}", str(path))]
@@ -234,6 +235,12 @@ def test_cli_writes_json_html_png(cli_run):
     assert files["png"].stat().st_size > 10_000
     page = files["html"].read_text()
     assert "<svg" in page and "<script" not in page and "https://" not in page and "@import" not in page
+    lines = [json.loads(x) for x in (files["json"].parent / "run" / "metrics.jsonl").read_text().splitlines()]
+    event = lines[-1]  # the run's log gets the routing numbers beside its losses
+    assert (event["event"], event["step"], event["checkpoint"]) == ("routing", 1, "step-00000001")
+    assert [x["layer"] for x in event["layers"]] == [r["layer"] for r in report["layers"]]
+    assert event["layers"][0]["changed_tokens"] == round(report["layers"][0]["changed_tokens"], 4)
+    assert {"base_util_median", "base_dead_fraction", "base_util_median_before"} <= set(event["layers"][0])
 
 
 def test_png_without_matplotlib_is_one_line_error(monkeypatch, tmp_path):
