@@ -237,6 +237,8 @@ def _average_differs(per_task: dict[str, dict], kind: str) -> list[str]:
     ran = [name for name, t in per_task.items() if t["kind"] == kind]
     if not ran:
         return [f"no {kind} task was evaluated"]
+    if not any(name in group for name in ran):  # custom tasks only: not the paper's average at all
+        return [f"none of the paper's {len(group)} {kind} tasks"]
     why = []
     missing = [name for name in group if name not in ran]
     if missing:

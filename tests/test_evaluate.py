@@ -431,6 +431,7 @@ def test_only_the_papers_whole_groups_on_a_bf16_backbone_are_comparable():
     assert _average_differs(seven, "arithmetic") == ["no arithmetic task was evaluated"]
     every = {name: ok for name in COMMONSENSE_TASKS}
     assert _average_differs(every, "commonsense") == []
+    assert _average_differs({"my_task": ok}, "commonsense") == ["none of the paper's 8 commonsense tasks"]
     every["piqa"] = {"kind": "commonsense", "comparable": False}
     assert _average_differs(every, "commonsense") == ["a task in it is not comparable"]
     math = {name: {"kind": "arithmetic", "comparable": True} for name in ARITHMETIC_TASKS}

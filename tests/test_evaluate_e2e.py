@@ -88,12 +88,12 @@ def test_eval_checkpoint_writes_table_json_and_examples(setup, tmp_path):
     ]
     data_file = Path(result["tasks"]["demo_choice"]["data_file"])
     assert result["tasks"]["demo_choice"]["data_sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()
-    assert result["averages_not_comparable_because"]["commonsense"][0].startswith("0 of the paper's 8 commonsense")
+    assert result["averages_not_comparable_because"]["commonsense"] == ["none of the paper's 8 commonsense tasks"]
     assert "8 new tokens (protocol: 256)" in result["tasks"]["demo_math"]["not_comparable_because"]
     assert result["averages_comparable"] == {"commonsense": False, "arithmetic": False}
     assert "not comparable with the PERFT paper's numbers" in result["protocol_note"]
     said = " ".join(r.stdout.split())  # the caption wraps at the console's width
-    assert "not comparable with published" in said and "average commonsense: 0 of the paper's 8" in said
+    assert "not comparable with published" in said and "average commonsense: none of the paper's 8" in said
     rows = [json.loads(line) for line in Path(result["examples_file"]).read_text().splitlines()]
     first = rows[0]
     assert first["prompt"] == eval_prompt("Is item 0 red? Option1: yes Option2: no", "", commonsense=True)
