@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers import logging as hf_logging
 
 from perft_cli import hub
-from perft_cli.arch import MoEFamily, family_for
+from perft_cli.arch import EXPERT_COUNT_NAMES, TOP_K_NAMES, MoEFamily, config_int, family_for
 from perft_cli.config import ModelConfig, Recipe
 from perft_cli.errors import CheckpointError, ModelError
 
@@ -81,12 +81,13 @@ def load_config(cfg: ModelConfig) -> tuple[PretrainedConfig, MoEFamily]:
 
 def _check_routing(config: PretrainedConfig, name: str) -> None:
     """A config whose top-k exceeds its expert count cannot route: say so now, not as a traceback mid-training."""
-    counts = [getattr(config, a, None) for a in ("num_local_experts", "num_experts", "n_routed_experts")]
-    experts = next((v for v in counts if isinstance(v, int)), None)
-    k = getattr(config, "num_experts_per_tok", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config  # a multimodal model's LM
+    experts, top_k = config_int(text, EXPERT_COUNT_NAMES), config_int(text, TOP_K_NAMES)
+    experts = experts[1] if experts else None
+    k_name, k = top_k if top_k else (None, None)
     if isinstance(k, int) and experts is not None and not 1 <= k <= experts:
         raise ModelError(
-            f"{name!r}: its config.json routes each token to num_experts_per_tok={k} of {experts} experts, which "
+            f"{name!r}: its config.json routes each token to {k_name}={k} of {experts} experts, which "
             "cannot work; fix the model's config.json"
         )
 

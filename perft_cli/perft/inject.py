@@ -55,9 +55,16 @@ def _block_hook(block: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any
 def _router_hook(router: nn.Module, args: tuple, output: Any) -> None:
     # Routers return (logits [T, E], topk_weights [T, k], topk_index [T, k]) with the family's scaling applied.
     # Handed to the block hook of the same call and cleared there: no routing state outlives one block forward.
+    if isinstance(output, tuple) and len(output) == 2 and output[0].shape == output[1].shape:
+        # Llama4: (scores [T, E], logits [T, E]); scores are sigmoid(logit) at the router's top-k and 0 elsewhere,
+        # and scale each chosen expert. The same topk call on the same logits gives the router's own index.
+        scores, logits = output
+        index = torch.topk(logits, router.top_k, dim=1).indices  # [T, k]
+        router._perft_owner._captured = (scores.gather(1, index), index)  # [T, k], [T, k]
+        return
     # Some routers append more (Inkling: shared-expert gammas); one that returns less cannot feed PERFT-E.
     if not (isinstance(output, tuple) and len(output) >= 3 and output[1].shape == output[2].shape):
-        got = [tuple(t.shape) for t in output] if isinstance(output, tuple) else type(output).__name__
+        got = [tuple(getattr(t, "shape", ())) for t in output] if isinstance(output, tuple) else type(output).__name__
         raise RuntimeError(
             f"the router {type(router).__name__} returned {got}, not (logits [T, E], top-k weights [T, k], top-k "
             "index [T, k]); PERFT-E needs the top-k weights and index"
