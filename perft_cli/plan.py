@@ -8,6 +8,7 @@ from typing import Any
 from rich.table import Table
 
 from perft_cli.adapters import accounting, attach_adapter
+from perft_cli.arch import TOP_K_NAMES, config_int
 from perft_cli.config import Recipe, ignored_keys
 from perft_cli.console import human_bytes, human_count, out, warn
 from perft_cli.modeling import DTYPES, load_config, meta_model
@@ -24,16 +25,39 @@ def activation_bytes(config, micro_batch: int, seq_len: int, checkpointing: bool
     activations (gate, up, act: 3 * k * I values). With activation checkpointing only each layer's input (2*D bytes
     per token) is kept, plus one layer recomputed at a time. The logits and their gradient are fp32 [B, S, V].
     """
+    config = config.get_text_config()  # a multimodal model's language model (the config itself otherwise)
     tokens = micro_batch * seq_len
     d = config.hidden_size
     layers = config.num_hidden_layers
-    k = getattr(config, "num_experts_per_tok", 1) or 1
-    inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    k = (config_int(config, TOP_K_NAMES) or (None, 1))[1]
+    inter = (
+        config_int(config, ("moe_intermediate_size", "intermediate_size", "expert_ffn_hidden_size")) or (None, 4 * d)
+    )[1]
     per_layer = tokens * (34 * d + 2 * 3 * k * inter)
     logits = 2 * tokens * config.vocab_size * 4
     if checkpointing:
         return layers * tokens * 2 * d + per_layer + logits
     return layers * per_layer + logits
+
+
+def nf4_dequant_bytes(model, dtype) -> int:
+    """The NF4 experts path dequantizes one fused projection at a time (quant/experts.py), in forward and again in
+    backward: the largest one, E x 2I x D in the compute dtype, is held besides the 4-bit weights. Measured at
+    OLMoE width on the CPU (benchmarks/gpu_suite.py): without this term plan was 28% under the peak, with it 4.6%
+    over (512 MiB for OLMoE, 1.75 GiB for Mixtral-8x7B)."""
+    import torch
+
+    from perft_cli.quant.experts import EXPERT_WEIGHTS, is_experts_module
+
+    size = torch.tensor([], dtype=dtype).element_size()
+    sizes = [
+        getattr(m, w).numel() * size
+        for m in model.modules()
+        if is_experts_module(m)
+        for w in EXPERT_WEIGHTS
+        if isinstance(getattr(m, w, None), torch.Tensor)
+    ]
+    return max(sizes, default=0)
 
 
 def run_plan(recipe: Recipe) -> dict[str, Any]:
@@ -48,12 +72,14 @@ def run_plan(recipe: Recipe) -> dict[str, Any]:
     acts = activation_bytes(
         config, recipe.train.micro_batch_size, recipe.data.cutoff_len, recipe.train.gradient_checkpointing
     )
+    dequant = nf4_dequant_bytes(model, DTYPES[recipe.model.dtype]) if recipe.model.quantization == "nf4" else 0
     memory = {
         "weights_bytes": weights["total_bytes"],
         "weights_bf16_bytes": weights["bf16_bytes"],
         "adapter_grad_optimizer_bytes": optimizer,
         "activation_bytes": acts,
-        "total_bytes": weights["total_bytes"] + optimizer + acts,
+        "nf4_dequant_bytes": dequant,
+        "total_bytes": weights["total_bytes"] + optimizer + acts + dequant,
         "groups": weights.get("groups") or {k: v for k, v in weights.items() if isinstance(v, dict)},
         "assumes": {
             "quantization": recipe.model.quantization,
@@ -101,6 +127,8 @@ def print_plan(plan: dict[str, Any]) -> None:
     m.add_row("[bold]weights[/]", human_bytes(mem["weights_bytes"]))
     m.add_row("adapter gradients + AdamW state", human_bytes(mem["adapter_grad_optimizer_bytes"]))
     m.add_row("activations (rough)", human_bytes(mem["activation_bytes"]))
+    if mem.get("nf4_dequant_bytes"):
+        m.add_row("one expert projection dequantized (nf4)", human_bytes(mem["nf4_dequant_bytes"]))
     m.add_row("[bold]total[/]", human_bytes(mem["total_bytes"]))
     a = mem["assumes"]
     m.caption = (
