@@ -41,10 +41,16 @@ def _load_error(what: str, cfg: ModelConfig, e: BaseException) -> ModelError:
     """One line for a failed load; when the hub was found unreachable, says so instead of the cache miss."""
     name, why = cfg.name_or_path, hub.unreachable(cfg.name_or_path)
     if why:
+        # The config alone is kilobytes; the whole model can be ~90 GB: say which one the command at hand needs.
+        get = (
+            f"hf download {name} config.json is all that perft plan and perft validate need, hf download {name} "
+            "the whole model for training"
+            if not what
+            else f"hf download {name}"
+        )
         return ModelError(
             f"cannot load {what}{name!r}: the Hugging Face hub cannot be reached ({why}) and it is not in the "
-            f"local cache; download it where there is network (hf download {name}) or set model.name_or_path to a "
-            "local folder"
+            f"local cache; download it where there is network ({get}) or set model.name_or_path to a local folder"
         )
     return ModelError(f"cannot load {what}{name!r}: {str(e).splitlines()[0]} (no hub access? use a local directory)")
 

@@ -374,3 +374,17 @@ def test_argument_errors_are_answered_before_torch_is_imported(tmp_path, args, e
     assert r.returncode == 1, r.stderr
     assert lines[-1] == "heavy imports: none", r.stderr
     assert len(lines) == 2 and lines[0].startswith("error:") and expected in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_an_unknown_model_type_with_auto_map_is_one_line_and_nothing_before_it(tmp_path, trust):
+    model = tmp_path / "fancy"
+    model.mkdir()
+    auto_map = {"AutoConfig": "configuration_fancy.FancyConfig", "AutoModelForCausalLM": "modeling_fancy.Fancy"}
+    (model / "config.json").write_text(json.dumps({"model_type": "my_fancy_moe", "auto_map": auto_map}))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{name_or_path: {model}, trust_remote_code: {str(trust).lower()}}}\n")
+    result = CliRunner().invoke(app, ["plan", str(recipe)])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr  # no warning line first
+    expected = "configuration_fancy.py" if trust else "needs custom code from its repository"
+    assert result.stderr.startswith("error: ") and expected in result.stderr

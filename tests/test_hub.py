@@ -58,10 +58,13 @@ def test_unreachable_hub_and_no_cache_is_one_line_at_once(no_network):
         modeling.load_config(ModelConfig(name_or_path="allenai/OLMoE-1B-7B-0924"))
     msg = str(err.value)
     assert "\n" not in msg and "cannot be reached" in msg and "hf download allenai/OLMoE-1B-7B-0924" in msg
+    # The config alone (kilobytes) is what perft plan needs, not the ~14 GB model: the hint says so.
+    assert "hf download allenai/OLMoE-1B-7B-0924 config.json is all that perft plan and perft validate need" in msg
     assert time.perf_counter() - t0 < 5  # transformers alone retries for ~30 s
     assert no_network == ["allenai/OLMoE-1B-7B-0924"]
-    with pytest.raises(ModelError, match="tokenizer of 'allenai/OLMoE-1B-7B-0924'.*cannot be reached"):
+    with pytest.raises(ModelError, match="tokenizer of 'allenai/OLMoE-1B-7B-0924'.*cannot be reached") as err:
         modeling.load_tokenizer(ModelConfig(name_or_path="allenai/OLMoE-1B-7B-0924"))
+    assert "config.json is all" not in str(err.value)  # a tokenizer needs its own files
     assert len(no_network) == 1  # probed once per process
 
 
