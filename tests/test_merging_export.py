@@ -78,6 +78,7 @@ def _check(entry):
     return check_isolated(entry["child"], entry["logits"], entry["ids"], rtol=1e-3)
 
 
+@pytest.mark.slow  # the 40-export fixture (~25 s); CI and the full suite run it, -m 'not slow' skips it
 @pytest.mark.parametrize(("family", "variant", "form"), MATRIX, ids=["-".join(c) for c in MATRIX])
 def test_plain_transformers_matches_load_merged(exports, family, variant, form):
     entry = exports[(family, variant, form)]
@@ -92,6 +93,7 @@ def test_plain_transformers_matches_load_merged(exports, family, variant, form):
     assert entry["result"]["verification"]["passed"]  # perft's own check (load_merged against the unmerged run)
 
 
+@pytest.mark.slow  # the 40-export fixture (~25 s); CI and the full suite run it, -m 'not slow' skips it
 def test_every_export_ships_perfts_own_modeling_file(exports):
     source = export.REMOTE_SOURCE.read_bytes()
     for key, entry in exports.items():
@@ -110,6 +112,7 @@ def test_remote_module_imports_only_torch_and_transformers():
     assert roots <= {"__future__", "torch", "transformers"}, roots
 
 
+@pytest.mark.slow  # the 40-export fixture (~25 s); CI and the full suite run it, -m 'not slow' skips it
 def test_the_isolated_child_cannot_import_perft(exports):
     """The child asserted that ``import perft_cli`` fails; its path holds no folder with perft_cli in it."""
     child = exports[("olmoe", "perft-r", "lora")]["child"]
@@ -121,6 +124,7 @@ def test_the_isolated_child_cannot_import_perft(exports):
     assert child["perft_cli_modules"] == []
 
 
+@pytest.mark.slow  # the 40-export fixture (~25 s); CI and the full suite run it, -m 'not slow' skips it
 @pytest.mark.parametrize("name", ["no_renormalize", "reference_quirk"])
 def test_perft_r_routing_options(exports, name):
     check = _check(exports[name])
@@ -131,6 +135,7 @@ def test_perft_r_routing_options(exports, name):
     )
 
 
+@pytest.mark.slow  # the 40-export fixture (~25 s); CI and the full suite run it, -m 'not slow' skips it
 @pytest.mark.parametrize("name", ["deepseek_v3", "qwen2_moe"])
 def test_more_families(exports, name):
     check = _check(exports[name])
@@ -146,12 +151,14 @@ def test_more_families(exports, name):
     )
 
 
+@pytest.mark.slow  # the 40-export fixture (~25 s); CI and the full suite run it, -m 'not slow' skips it
 def test_tampered_modeling_file_fails_the_check(exports):
     assert "0 * block.perft_adapter(h)" in (exports["tampered"]["out"] / export.MODELING_FILE).read_text()
     check = _check(exports["tampered"])
     assert not check["passed"] and "differ from the unmerged model" in check["failure"]
 
 
+@pytest.mark.slow  # the 40-export fixture (~25 s); CI and the full suite run it, -m 'not slow' skips it
 def test_collapsed_perft_d_is_one_expert_of_rank_n_r(exports):
     entry = exports["collapsed"]
     config = json.loads((entry["out"] / "config.json").read_text())
@@ -171,6 +178,7 @@ def load_merged_run(ckpt):
     return model, tokenizer
 
 
+@pytest.mark.slow  # the 40-export fixture (~25 s); CI and the full suite run it, -m 'not slow' skips it
 def test_bf16_export_keeps_adapters_in_float32(exports):
     entry = exports["bf16"]
     assert entry["child"]["dtype"] == "bfloat16"
@@ -181,6 +189,7 @@ def test_bf16_export_keeps_adapters_in_float32(exports):
     assert check["passed"], check["failure"]
 
 
+@pytest.mark.slow  # the 40-export fixture (~25 s); CI and the full suite run it, -m 'not slow' skips it
 def test_export_layout_and_permissions(exports):
     out = exports[("mixtral", "perft-e", "lora")]["out"]
     names = {p.name for p in out.iterdir()}
