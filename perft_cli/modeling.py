@@ -113,7 +113,15 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, MoEFamily]:
     _, family = load_config(cfg)
     dtype = DTYPES[cfg.dtype]
     if cfg.quantization == "nf4":
+        from perft_cli.arch import OUTSIDE_INTERFACE
         from perft_cli.quant import load_model_nf4
+
+        if family.model_type in OUTSIDE_INTERFACE:  # never a "4-bit" run whose experts silently stay bf16
+            raise ModelError(
+                f"model.quantization: nf4 cannot quantize {family.display}'s routed experts (they bypass "
+                "transformers' experts interface, which perft's NF4 path plugs into), so they would stay bf16; set "
+                "model.quantization: none"
+            )
 
         with _weight_load_errors(cfg):
             model = load_model_nf4(

@@ -188,3 +188,16 @@ def test_nf4_experts_are_4_bit(_tiny, model_type):
     assert bytes_per_param <= 0.6, bytes_per_param
     with torch.no_grad():
         assert torch.isfinite(q(X).logits).all()
+
+
+def test_nf4_is_refused_where_it_would_leave_the_experts_bf16(tmp_path):
+    """Llama4's experts bypass the interface perft's NF4 path plugs into: a '4-bit' run would keep them bf16."""
+    from perft_cli.config import ModelConfig
+    from perft_cli.modeling import load_model
+    from perft_cli.tiny import save_tiny
+
+    folder = save_tiny(tmp_path / "llama4", "llama4_text")
+    with pytest.raises(ModelError, match=r"nf4 cannot quantize .*routed experts .*set model.quantization: none"):
+        load_model(ModelConfig(name_or_path=str(folder), quantization="nf4"))
+    model, _ = load_model(ModelConfig(name_or_path=str(folder), dtype="float32"))  # unquantized, it loads
+    assert find_moe_blocks(model)
