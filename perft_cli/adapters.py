@@ -106,9 +106,10 @@ def _attach_perft(model: nn.Module, cfg: AdapterConfig, family: MoEFamily, info:
 
 def _lora_targets(model: nn.Module, cfg: AdapterConfig, family: MoEFamily) -> list[str]:
     wanted = cfg.target_modules or list(family.lora_targets)
-    present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    present |= {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
-    targets = [t for t in wanted if t in present]
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Linear4bit"]
+    # peft matches a target by the module name's end: "v_proj", or "v_proj.linear" for a wrapped projection.
+    targets = [t for t in wanted if any(n == t or n.endswith("." + t) for n in linears)]
+    present = {n.rsplit(".", 1)[-1] for n in linears}
     if not targets:
         raise RecipeError(
             f"adapter.target_modules {wanted} match no Linear layer of this model; "

@@ -86,3 +86,23 @@ def write_recipe(tmp_path: Path, raw: dict, **sections) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+FAMILY_INPUT = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))  # [B, S] token ids
+
+
+@pytest.fixture(scope="module")
+def _tiny():
+    """model type -> (tiny random model of it, its frozen logits on FAMILY_INPUT), built once per test module."""
+    from perft_cli.tiny import tiny_model
+
+    cache: dict[str, tuple] = {}
+
+    def get(model_type: str):
+        if model_type not in cache:
+            model = tiny_model(model_type)
+            with torch.no_grad():
+                cache[model_type] = (model, model(FAMILY_INPUT).logits)
+        return cache[model_type]
+
+    return get

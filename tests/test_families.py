@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from conftest import FAMILY_INPUT as X
 from typer.testing import CliRunner
 
 from perft_cli.arch import FAMILIES, REFUSED, decoder_layers, family_for, find_moe_blocks, is_experts
@@ -19,24 +20,9 @@ from perft_cli.cli import app
 from perft_cli.errors import ModelError
 from perft_cli.perft.block import PerftConfig
 from perft_cli.perft.inject import attach, detach
-from perft_cli.tiny import MATRIX, tiny_config, tiny_model
+from perft_cli.tiny import MATRIX, tiny_config
 
 N, K, R = 4, 2, 4  # PERFT-R experts, top-K, rank
-X = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))  # [B, S] token ids
-
-
-@pytest.fixture(scope="module")
-def _tiny():
-    cache: dict[str, tuple] = {}
-
-    def get(model_type: str):
-        if model_type not in cache:
-            model = tiny_model(model_type)
-            with torch.no_grad():
-                cache[model_type] = (model, model(X).logits)
-        return cache[model_type]
-
-    return get
 
 
 def test_matrix_covers_the_first_seven_families():
