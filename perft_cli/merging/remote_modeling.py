@@ -120,6 +120,11 @@ class PerftAdapter(nn.Module):
 
 def _router_hook(router: nn.Module, args: tuple, output: tuple) -> None:
     # (logits [T, E], topk_weights [T, k], topk_index [T, k]): handed to the block hook of the same block call.
+    if len(output) == 2 and output[0].shape == output[1].shape:
+        # Llama4: (scores [T, E], logits [T, E]), scores nonzero at the router's own top-k of the logits.
+        index = torch.topk(output[1], router.top_k, dim=1).indices  # [T, k]
+        router.perft_owner.base_routing = (output[0].gather(1, index), index)  # [T, k], [T, k]
+        return
     router.perft_owner.base_routing = (output[1], output[2])
 
 

@@ -52,24 +52,29 @@ def _block_hook(block: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any
     return (hidden + delta, *output[1:]) if isinstance(output, tuple) else hidden + delta
 
 
-def _router_hook(router: nn.Module, args: tuple, output: Any) -> None:
-    # Routers return (logits [T, E], topk_weights [T, k], topk_index [T, k]) with the family's scaling applied.
-    # Handed to the block hook of the same call and cleared there: no routing state outlives one block forward.
+def router_topk(router: nn.Module, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A router's (top-k weights [T, k], top-k index [T, k]) from its forward output, as its experts receive them.
+
+    Routers return (logits [T, E], topk_weights [T, k], topk_index [T, k]) with the family's scaling applied; some
+    append more (Inkling: shared-expert gammas). Llama4's returns (scores [T, E], logits [T, E]): scores are
+    sigmoid(logit) at the router's top-k and 0 elsewhere; the same topk on the same logits gives its own index.
+    """
     if isinstance(output, tuple) and len(output) == 2 and output[0].shape == output[1].shape:
-        # Llama4: (scores [T, E], logits [T, E]); scores are sigmoid(logit) at the router's top-k and 0 elsewhere,
-        # and scale each chosen expert. The same topk call on the same logits gives the router's own index.
         scores, logits = output
         index = torch.topk(logits, router.top_k, dim=1).indices  # [T, k]
-        router._perft_owner._captured = (scores.gather(1, index), index)  # [T, k], [T, k]
-        return
-    # Some routers append more (Inkling: shared-expert gammas); one that returns less cannot feed PERFT-E.
+        return scores.gather(1, index), index  # [T, k], [T, k]
     if not (isinstance(output, tuple) and len(output) >= 3 and output[1].shape == output[2].shape):
         got = [tuple(getattr(t, "shape", ())) for t in output] if isinstance(output, tuple) else type(output).__name__
         raise RuntimeError(
             f"the router {type(router).__name__} returned {got}, not (logits [T, E], top-k weights [T, k], top-k "
-            "index [T, k]); PERFT-E needs the top-k weights and index"
+            "index [T, k]); PERFT-E and the routing report need the top-k weights and index"
         )
-    router._perft_owner._captured = (output[1], output[2])
+    return output[1], output[2]
+
+
+def _router_hook(router: nn.Module, args: tuple, output: Any) -> None:
+    # Handed to the block hook of the same call and cleared there: no routing state outlives one block forward.
+    router._perft_owner._captured = router_topk(router, output)
 
 
 def attach(

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from perft_cli.perft.inject import router_topk
+
 BASE_COLLAPSE_FACTOR = 3.0  # flag a base expert whose share exceeds 3x the uniform share 1/E
 
 
@@ -40,8 +42,8 @@ class RouterTap:
 
     def _hook(self, layer: int):
         def hook(module, args, output):
-            # Routers return (logits [T, E], topk_weights [T, k], topk_index [T, k]) (arch.py).
-            self.index[layer] = output[2].detach()
+            # The top-k the experts receive, whatever the router's output form (perft.inject.router_topk).
+            self.index[layer] = router_topk(module, output)[1].detach()  # [T, k]
 
         return hook
 
