@@ -31,7 +31,7 @@ from perft_cli.quant.nf4 import BLOCKSIZE, NESTED_BLOCKSIZE, QUANT_TYPE, is_nf4,
 # norms_other holds norms and whatever else is left, e.g. DeepSeek's dense first-layer MLPs (quantized with nf4).
 GROUPS = ("attention", "routed_experts", "shared_experts", "router", "embeddings_head", "norms_other", "adapters")
 QUANTIZATIONS = ("none", "nf4")
-SHARED_ATTRS = ("shared_expert", "shared_experts", "shared_expert_gate")  # every family's, see arch.FAMILIES
+SHARED_ATTRS = ("shared_expert", "shared_experts", "shared_expert_gate", "shared_mlp")  # see arch (shared_attrs)
 # bitsandbytes' CPU kernels misbehave on tiny Linear shapes (platform.md: Qwen's shared_expert_gate Linear(H, 1));
 # such layers hold next to nothing, so they stay unquantized.
 MIN_LINEAR_IN, MIN_LINEAR_OUT = 64, 32
