@@ -208,6 +208,9 @@ def perft(args: list[str], env: dict[str, str] | None = None, **kwargs) -> subpr
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # Ctrl-C in the terminal running pytest does not reach it; killpg on hangs
+        # A job started in the background by a non-interactive shell (as CI may be) inherits SIGINT ignored, and
+        # Python then never turns it into KeyboardInterrupt: the child gets the default a user's terminal gives.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         **kwargs,
     )
 
