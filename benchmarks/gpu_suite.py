@@ -621,18 +621,10 @@ def section_memory(shape: Shape, cfg: Settings, models: dict) -> dict:
 
 def dequant_transient_bytes(model) -> int:
     """The largest fused expert projection in bf16: what the NF4 path holds dequantized at a time, in forward and
-    again in backward (quant/experts.py). Not a term of plan's memory model."""
-    from perft_cli.quant.experts import EXPERT_WEIGHTS, is_experts_module
-    from perft_cli.quant.nf4 import logical_numel
+    again in backward (quant/experts.py), as perft plan counts it."""
+    from perft_cli.plan import nf4_dequant_bytes
 
-    sizes = [
-        logical_numel(getattr(m, w)) * 2
-        for m in model.modules()
-        if is_experts_module(m)
-        for w in EXPERT_WEIGHTS
-        if isinstance(getattr(m, w, None), torch.Tensor)
-    ]
-    return max(sizes, default=0)
+    return nf4_dequant_bytes(model, torch.bfloat16)
 
 
 def params_bytes_of_layer(model, attached) -> int:

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import quant_load_memory  # noqa: E402 - benchmarks/ is this script's folder, hence on sys.path
+
 MiB = 2**20
 SHAPE = dict(
     hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2, num_attention_heads=32,
@@ -30,11 +32,7 @@ SHAPE = dict(
 
 
 def _kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
+    return quant_load_memory._status_kib(field)  # noqa: SLF001 - the same /proc reader as the load benchmark
 
 
 class Peak:

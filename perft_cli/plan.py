@@ -48,10 +48,11 @@ def nf4_dequant_bytes(model, dtype) -> int:
     import torch
 
     from perft_cli.quant.experts import EXPERT_WEIGHTS, is_experts_module
+    from perft_cli.quant.nf4 import logical_numel  # a 4-bit tensor counts the weights it stands for
 
     size = torch.tensor([], dtype=dtype).element_size()
     sizes = [
-        getattr(m, w).numel() * size
+        logical_numel(getattr(m, w)) * size
         for m in model.modules()
         if is_experts_module(m)
         for w in EXPERT_WEIGHTS
