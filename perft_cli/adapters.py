@@ -8,7 +8,6 @@ parameter names and the LoRA weights keep peft's ``lora_`` names).
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,11 +27,11 @@ from perft_cli.perft import (
     detach,
     is_adapter_param,
     load_adapter_state_dict,
+    remember_requires_grad,
+    restore_requires_grad,
 )
 
 LORA_PREFIX = "lora_"  # peft's name for the baseline's weights (PERFT's own carry perft.PREFIX)
-# model -> {parameter name: requires_grad} before the LoRA baseline froze it (the core keeps its own for PERFT).
-_LORA_FOUND: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -91,7 +90,7 @@ def _unsorted_topk(ref: MoEBlockRef) -> bool:
 
 
 def _attach_perft(model: nn.Module, cfg: AdapterConfig, family: MoEFamily, info: Attached) -> None:
-    if cfg.scale_by_base_router and cfg.variant == "perft-r" and any(_unsorted_topk(b) for b in info.blocks[:1]):
+    if cfg.scale_by_base_router and cfg.variant == "perft-r" and info.blocks and _unsorted_topk(info.blocks[0]):
         raise RecipeError(
             f"adapter.scale_by_base_router weighs PERFT-R's j-th expert by the base router's j-th top-k slot, but "
             f"{family.display} returns its top-k unsorted (torch.topk sorted=False), so slot j means nothing; set "
@@ -107,8 +106,7 @@ def _attach_perft(model: nn.Module, cfg: AdapterConfig, family: MoEFamily, info:
 def _lora_targets(model: nn.Module, cfg: AdapterConfig, family: MoEFamily) -> list[str]:
     wanted = cfg.target_modules or list(family.lora_targets)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Linear4bit"]
-    # peft matches a target by the module name's end: "v_proj", or "v_proj.linear" for a wrapped projection.
-    targets = [t for t in wanted if any(n == t or n.endswith("." + t) for n in linears)]
+    targets = matching_targets(wanted, linears)
     present = {n.rsplit(".", 1)[-1] for n in linears}
     if not targets:
         raise RecipeError(
@@ -118,17 +116,26 @@ def _lora_targets(model: nn.Module, cfg: AdapterConfig, family: MoEFamily) -> li
     return targets
 
 
-def _attach_lora(model: nn.Module, cfg: AdapterConfig, family: MoEFamily, info: Attached) -> None:
-    from peft import LoraConfig, inject_adapter_in_model
+def matching_targets(wanted: list[str], module_names) -> list[str]:
+    """The targets of ``wanted`` that name some module, matched as peft does, by the name's end: "v_proj", or
+    "v_proj.linear" for a wrapped projection."""
+    return [t for t in wanted if any(n == t or n.endswith("." + t) for n in module_names)]
 
-    lora = LoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.rank,
-        lora_dropout=cfg.dropout,
-        target_modules=_lora_targets(model, cfg, family),
-        bias="none",
+
+def lora_config(cfg: AdapterConfig, targets: list[str], **extra: Any):
+    """peft's LoraConfig of the baseline: rank, scale (``cfg.lora_alpha``), dropout, no bias, on ``targets``."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none", **extra
     )
-    _LORA_FOUND[model] = {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def _attach_lora(model: nn.Module, cfg: AdapterConfig, family: MoEFamily, info: Attached) -> None:
+    from peft import inject_adapter_in_model
+
+    lora = lora_config(cfg, _lora_targets(model, cfg, family))
+    remember_requires_grad(model)  # detach gives them back (the same record the core keeps for PERFT)
     inject_adapter_in_model(lora, model)
     for name, p in model.named_parameters():
         p.requires_grad_(LORA_PREFIX in name)
@@ -143,10 +150,7 @@ def _detach_lora(model: nn.Module) -> None:
         if isinstance(module, BaseTunerLayer):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, module.get_base_layer())
-    flags = _LORA_FOUND.pop(model, {})  # the base trains (or not) again as it did before attach
-    for name, p in model.named_parameters():
-        if name in flags:
-            p.requires_grad_(flags[name])
+    restore_requires_grad(model)
 
 
 def _lora_params(model: nn.Module) -> dict[str, nn.Parameter]:

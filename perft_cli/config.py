@@ -60,6 +60,11 @@ class AdapterConfig(_Section):
     )
     impl: Literal["auto", "dense", "grouped"] = Field("auto", description="Adapter compute path; auto measures best.")
 
+    @property
+    def lora_alpha(self) -> float:
+        """The LoRA scale's numerator in use: ``alpha``, or 2 * rank when unset (the reference scripts)."""
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
+
     @model_validator(mode="after")
     def _check(self) -> AdapterConfig:
         if self.variant == "perft-r" and self.top_k > self.num_experts:

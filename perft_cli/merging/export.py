@@ -44,7 +44,7 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 
 def perft_spec(adapter: Any, blocks: list[dict[str, Any]]) -> dict[str, Any]:
     """The ``perft`` section of config.json: what remote_modeling.PerftAdapter needs, from the recipe's adapter."""
-    scale = (adapter.alpha if adapter.alpha is not None else 2 * adapter.rank) / adapter.rank
+    scale = adapter.lora_alpha / adapter.rank
     return {
         "variant": adapter.variant,
         "expert_form": adapter.expert,
@@ -102,7 +102,7 @@ def collapse_dense(state: dict[str, torch.Tensor], adapter: Any) -> tuple[dict[s
         else:
             raise PerftError(f"cannot collapse the adapter weight {name}")
     n = 1 if adapter.variant == "perft-s" else adapter.num_experts
-    scale = (adapter.alpha if adapter.alpha is not None else 2 * adapter.rank) / adapter.rank
+    scale = adapter.lora_alpha / adapter.rank
     rank = n * adapter.rank
     collapsed = adapter.model_copy(
         update={"variant": "perft-s", "num_experts": 1, "rank": rank, "alpha": scale * rank}
@@ -190,19 +190,16 @@ def write_peft_adapter(model: Any, recipe: Any, lora_state: dict[str, torch.Tens
     ``model.layers.0.self_attn.q_proj.lora_A.default.weight``; peft saves ``base_model.model.<name>`` without the
     adapter name. Returns the number of LoRA parameters.
     """
-    from peft import LoraConfig
     from safetensors.torch import save_file
 
+    from perft_cli.adapters import lora_config, matching_targets
+    from perft_cli.arch import family_for
+
     a = recipe.adapter
-    targets = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora_state})
-    config = LoraConfig(
-        r=a.rank,
-        lora_alpha=a.alpha if a.alpha is not None else 2 * a.rank,
-        lora_dropout=a.dropout,
-        target_modules=targets,
-        bias="none",
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=recipe.model.name_or_path,
+    wanted = a.target_modules or list(family_for(model.config.model_type).lora_targets)
+    wrapped = {n.split(".lora_")[0] for n in lora_state}  # the modules that carry LoRA weights
+    config = lora_config(
+        a, matching_targets(wanted, wrapped), task_type="CAUSAL_LM", base_model_name_or_path=recipe.model.name_or_path
     )
     config.save_pretrained(str(tmp))
     state = {"base_model.model." + n.replace(".default.", "."): t.contiguous() for n, t in lora_state.items()}

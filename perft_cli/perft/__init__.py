@@ -11,6 +11,8 @@ from perft_cli.perft.inject import (
     freeze_base,
     is_adapter_param,
     load_adapter_state_dict,
+    remember_requires_grad,
+    restore_requires_grad,
 )
 from perft_cli.perft.routing import expert_counts, load_balancing_loss, load_stats, topk_indices, topk_route
 
@@ -31,6 +33,8 @@ __all__ = [
     "load_adapter_state_dict",
     "load_balancing_loss",
     "load_stats",
+    "remember_requires_grad",
+    "restore_requires_grad",
     "topk_indices",
     "topk_route",
 ]

@@ -100,7 +100,7 @@ def attach(
         object.__setattr__(adapter, "_router", ref.router)  # a reference, not a submodule (stays frozen)
         ref.block.perft_adapter = adapter
         adapters.append(adapter)
-    _FOUND_REQUIRES_GRAD[model] = {n: p.requires_grad for n, p in model.named_parameters() if PREFIX not in n}
+    remember_requires_grad(model)
     freeze_base(model)
     return adapters
 
@@ -116,12 +116,23 @@ def detach(model: nn.Module) -> int:
         if hasattr(adapter._router, "_perft_owner"):
             object.__delattr__(adapter._router, "_perft_owner")
         delattr(block, ATTR)
-    flags = _FOUND_REQUIRES_GRAD.pop(model, None)
-    if found and flags is not None:  # the base's parameters train (or not) again as they did before attach
-        for name, p in model.named_parameters():
-            if name in flags:
-                p.requires_grad_(flags[name])
+    if found:
+        restore_requires_grad(model)
     return len(found)
+
+
+def remember_requires_grad(model: nn.Module) -> None:
+    """Note every base parameter's ``requires_grad`` before an adapter freezes the base (PERFT's or the LoRA
+    baseline's), for ``restore_requires_grad`` when it is removed."""
+    _FOUND_REQUIRES_GRAD[model] = {n: p.requires_grad for n, p in model.named_parameters() if not is_adapter_param(n)}
+
+
+def restore_requires_grad(model: nn.Module) -> None:
+    """Give the base parameters back the ``requires_grad`` that ``remember_requires_grad`` noted (if it did)."""
+    flags = _FOUND_REQUIRES_GRAD.pop(model, {})
+    for name, p in model.named_parameters():
+        if name in flags:
+            p.requires_grad_(flags[name])
 
 
 def attached_adapters(model: nn.Module) -> list[PerftAdapter]:

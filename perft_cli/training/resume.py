@@ -113,10 +113,10 @@ def read_training_state(ckpt: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     ckpt = Path(ckpt)
-    loaded: dict[str, Any] = {}
+    loaded: dict[str, Any] = {ck.STATE_FILE: saved_state(ckpt)}
     reading = ""  # the file being read, for the error message
     try:
-        for reading in (ck.STATE_FILE, ck.OPTIMIZER_JSON, ck.SCHEDULER_FILE):
+        for reading in (ck.OPTIMIZER_JSON, ck.SCHEDULER_FILE):
             loaded[reading] = json.loads((ckpt / reading).read_text())
         for reading in (ck.OPTIMIZER_FILE, ck.RNG_FILE):
             loaded[reading] = load_file(str(ckpt / reading))
@@ -188,5 +188,5 @@ def check_resume_compatible(saved: Recipe, recipe: Recipe, ckpt: Path) -> list[s
 def _adapter_value(recipe: Recipe, key: str) -> Any:
     a = recipe.adapter
     if key == "alpha":  # None means 2 * rank (reference scripts): the same scale as writing it out
-        return a.alpha if a.alpha is not None else 2.0 * a.rank
+        return a.lora_alpha
     return getattr(a, key)
