@@ -40,25 +40,28 @@ def activation_bytes(config, micro_batch: int, seq_len: int, checkpointing: bool
     return layers * per_layer + logits
 
 
+def expert_projection_bytes(model, dtype) -> list[list[int]]:
+    """Bytes of each fused expert projection (gate_up, down, ...) in ``dtype``, one list per experts module; a 4-bit
+    tensor counts the weights it stands for."""
+    import torch
+
+    from perft_cli.quant.experts import EXPERT_WEIGHTS, is_experts_module
+    from perft_cli.quant.nf4 import logical_numel
+
+    size = torch.tensor([], dtype=dtype).element_size()
+    return [
+        [logical_numel(getattr(m, w)) * size for w in EXPERT_WEIGHTS if isinstance(getattr(m, w, None), torch.Tensor)]
+        for m in model.modules()
+        if is_experts_module(m)
+    ]
+
+
 def nf4_dequant_bytes(model, dtype) -> int:
     """The NF4 experts path dequantizes one fused projection at a time (quant/experts.py), in forward and again in
     backward: the largest one, E x 2I x D in the compute dtype, is held besides the 4-bit weights. Measured at
     OLMoE width on the CPU (benchmarks/gpu_suite.py): without this term plan was 28% under the peak, with it 4.6%
     over (512 MiB for OLMoE, 1.75 GiB for Mixtral-8x7B)."""
-    import torch
-
-    from perft_cli.quant.experts import EXPERT_WEIGHTS, is_experts_module
-    from perft_cli.quant.nf4 import logical_numel  # a 4-bit tensor counts the weights it stands for
-
-    size = torch.tensor([], dtype=dtype).element_size()
-    sizes = [
-        logical_numel(getattr(m, w)) * size
-        for m in model.modules()
-        if is_experts_module(m)
-        for w in EXPERT_WEIGHTS
-        if isinstance(getattr(m, w, None), torch.Tensor)
-    ]
-    return max(sizes, default=0)
+    return max((b for module in expert_projection_bytes(model, dtype) for b in module), default=0)
 
 
 def nf4_load_transient_bytes(model, dtype) -> int:
@@ -66,17 +69,7 @@ def nf4_load_transient_bytes(model, dtype) -> int:
     held in the checkpoint's dtype while they become 4-bit. Measured at Mixtral-8x7B width on the CPU
     (benchmarks/real_width_cpu.py): the load's peak was 4,610 MiB against 2,059 MiB of NF4 weights, 2.24x; the
     weights plus one layer's bf16 experts (2,688 MiB) give 4,747 MiB, +3%."""
-    import torch
-
-    from perft_cli.quant.experts import EXPERT_WEIGHTS, is_experts_module
-
-    size = torch.tensor([], dtype=dtype).element_size()
-    per_layer = [
-        sum(getattr(m, w).numel() for w in EXPERT_WEIGHTS if isinstance(getattr(m, w, None), torch.Tensor)) * size
-        for m in model.modules()
-        if is_experts_module(m)
-    ]
-    return max(per_layer, default=0)
+    return max((sum(module) for module in expert_projection_bytes(model, dtype)), default=0)
 
 
 def run_plan(recipe: Recipe) -> dict[str, Any]:
@@ -94,16 +87,17 @@ def run_plan(recipe: Recipe) -> dict[str, Any]:
     nf4 = recipe.model.quantization == "nf4"
     dequant = nf4_dequant_bytes(model, DTYPES[recipe.model.dtype]) if nf4 else 0
     load_peak = weights["total_bytes"] + (nf4_load_transient_bytes(model, DTYPES[recipe.model.dtype]) if nf4 else 0)
+    training = weights["total_bytes"] + optimizer + acts + dequant
     memory = {
         "weights_bytes": weights["total_bytes"],
         "weights_bf16_bytes": weights["bf16_bytes"],
         "adapter_grad_optimizer_bytes": optimizer,
         "activation_bytes": acts,
         "nf4_dequant_bytes": dequant,
-        "total_bytes": weights["total_bytes"] + optimizer + acts + dequant,
+        "total_bytes": training,
         # The load can peak above training: with nf4, one layer's experts in bf16 while they are quantized.
         "load_peak_bytes": load_peak,
-        "peak_bytes": max(load_peak, weights["total_bytes"] + optimizer + acts + dequant),
+        "peak_bytes": max(load_peak, training),
         "groups": weights.get("groups") or {k: v for k, v in weights.items() if isinstance(v, dict)},
         "assumes": {
             "quantization": recipe.model.quantization,
