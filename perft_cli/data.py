@@ -215,14 +215,19 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndar
     return perm[val_size:], perm[:val_size]
 
 
+def check_split(n: int, cfg: DataConfig, source: str) -> None:
+    """``data.val_size`` must leave records to train on."""
+    if cfg.val_size >= n:
+        raise DataError(
+            f"{source} has {n} records and data.val_size={cfg.val_size} would leave none for training; "
+            "lower data.val_size"
+        )
+
+
 def load_examples(cfg: DataConfig, tokenizer) -> tuple[Examples, Examples, str]:
     """Read, check, tokenise and split ``data.train``: (train, val, source)."""
     records, source = read_records(cfg)
-    if cfg.val_size >= len(records):
-        raise DataError(
-            f"{source} has {len(records)} records and data.val_size={cfg.val_size} would leave none for training; "
-            "lower data.val_size"
-        )
+    check_split(len(records), cfg, source)
     examples = tokenize(records, tokenizer, cfg)
     train_idx, val_idx = split_indices(len(records), cfg.val_size, cfg.val_seed)
     return examples.subset(train_idx), examples.subset(val_idx), source

@@ -17,7 +17,7 @@ from perft_cli.config import Recipe, ignored_keys
 def run_validate(recipe: Recipe) -> list[tuple[str, str]]:
     """(what, result) for every check, in order; the first failing check raises its one-line PerftError."""
     from perft_cli.adapters import accounting, attach_adapter
-    from perft_cli.data import read_records
+    from perft_cli.data import check_split, read_records
     from perft_cli.modeling import DTYPES, load_config, load_tokenizer, meta_model
     from perft_cli.training.setup import schedule_length
 
@@ -45,14 +45,8 @@ def run_validate(recipe: Recipe) -> list[tuple[str, str]]:
     done.append(("tokenizer", f"{type(tokenizer).__name__}, {len(tokenizer):,} tokens"))
 
     records, source = read_records(recipe.data)
+    check_split(len(records), recipe.data, source)
     n_train = len(records) - recipe.data.val_size
-    if n_train <= 0:
-        from perft_cli.errors import DataError
-
-        raise DataError(
-            f"{source} has {len(records)} records, not more than data.val_size={recipe.data.val_size}; lower "
-            "data.val_size or add records"
-        )
     steps_per_epoch, total = schedule_length(recipe, n_train)
     done.append(
         (
