@@ -112,8 +112,9 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, MoEFamily]:
     """Load the frozen base as the recipe asks: dtype, nf4 (experts included), device map. Weights: safetensors."""
     _, family = load_config(cfg)
     dtype = DTYPES[cfg.dtype]
+    from perft_cli.arch import OUTSIDE_INTERFACE
+
     if cfg.quantization == "nf4":
-        from perft_cli.arch import OUTSIDE_INTERFACE
         from perft_cli.quant import load_model_nf4
 
         if family.model_type in OUTSIDE_INTERFACE:  # never a "4-bit" run whose experts silently stay bf16
@@ -143,6 +144,10 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, MoEFamily]:
             kwargs["attn_implementation"] = cfg.attn_implementation
         with _weight_load_errors(cfg, RuntimeError):
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+        if family.model_type not in OUTSIDE_INTERFACE:
+            from perft_cli.perft.frozen_experts import select_frozen_experts
+
+            select_frozen_experts(model)  # the frozen base's experts: same numbers, input-gradient-only backward
     for p in model.parameters():
         p.requires_grad_(False)
     return model, family

@@ -114,14 +114,19 @@ class PerftAdapter(nn.Module):
         return self.config.variant == "perft-e" or self.config.scale_by_base_router
 
     def forward(
-        self, h: torch.Tensor, base_weights: torch.Tensor | None = None, base_index: torch.Tensor | None = None
+        self,
+        h: torch.Tensor,
+        base_weights: torch.Tensor | None = None,
+        base_index: torch.Tensor | None = None,
+        dispatch=None,
     ) -> torch.Tensor:
-        """h: [..., D] block input; base_weights / base_index: [T, k] the frozen router's top-k. Returns [..., D]."""
+        """h: [..., D] block input; base_weights / base_index: [T, k] the frozen router's top-k; ``dispatch``: the
+        frozen experts' sort of those pairs (frozen_experts.Dispatch), reused by PERFT-E. Returns [..., D]."""
         shape = h.shape
         x = h.reshape(-1, shape[-1])  # [T, D]
         variant = self.config.variant
         if variant == "perft-e":
-            delta = self.experts(x, base_index, base_weights)
+            delta = self.experts(x, base_index, base_weights, dispatch)
         elif variant == "perft-r":
             # method.md routes in float32; under a bf16 autocast (training on GPU) the Linear would run in bf16
             # and round away the small logit differences that decide the top-K. [T, D] x [D, N]: cheap in fp32.

@@ -123,17 +123,22 @@ class ExpertBank(nn.Module):
         return self.num_experts * self.rank <= DENSE_MAX_WIDTH
 
     def forward(
-        self, h: torch.Tensor, index: torch.Tensor | None = None, weights: torch.Tensor | None = None
+        self,
+        h: torch.Tensor,
+        index: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+        dispatch=None,
     ) -> torch.Tensor:
         """sum over the chosen experts of weight * Delta_j(h).
 
         h: [T, D]. index, weights: [T, K] (routed), or both None for all N experts with weight 1 (PERFT-D/S).
+        dispatch: these pairs already sorted by expert (frozen_experts.Dispatch of the same index), or None.
         Returns [T, D] in float32.
         """
         x = self._input(h)  # [T, D]
         if index is None or self.use_dense():
             return self._dense(x, index, weights)
-        return self._grouped(x, index, weights)
+        return self._grouped(x, index, weights, dispatch)
 
     def _dense(self, x: torch.Tensor, index: torch.Tensor | None, weights: torch.Tensor | None) -> torch.Tensor:
         T, (N, D, r) = x.shape[0], self.perft_A.shape
@@ -144,12 +149,17 @@ class ExpertBank(nn.Module):
             z = z * gate[:, :, None]  # [T, N, r]
         return z.reshape(T, N * r) @ self.perft_B.reshape(N * r, D)  # [T, D]
 
-    def _grouped(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _grouped(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, dispatch=None) -> torch.Tensor:
         T, K = index.shape
-        flat = index.reshape(-1)  # [T*K] expert of each (token, slot) pair
-        order = flat.argsort(stable=True)  # [T*K] pairs sorted by expert
-        offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)  # [N]
-        token = order // K  # [T*K] the token of each sorted pair
+        if dispatch is not None and dispatch.offsets.numel() == self.num_experts:
+            # PERFT-E: the frozen experts just sorted these very pairs (stably, as argsort below): reuse their
+            # order and offsets, the same numbers without a second sort.
+            order, offs, token = dispatch.perm, dispatch.offsets, dispatch.token  # [T*K], [N], [T*K]
+        else:
+            flat = index.reshape(-1)  # [T*K] expert of each (token, slot) pair
+            order = flat.argsort(stable=True)  # [T*K] pairs sorted by expert
+            offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)  # [N]
+            token = order // K  # [T*K] the token of each sorted pair
         xs = x.index_select(0, token)  # [T*K, D] token rows in expert order
         # Each pair's routing weight multiplies its r-wide bottleneck, not its D-wide output (same product, D/r
         # times less work); it comes after the nonlinearity of the parallel form, so both forms stay exact.

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from perft_cli.perft.block import PerftAdapter, PerftConfig, RoutingRecorder
+from perft_cli.perft.frozen_experts import DISPATCH_SINK, Dispatch
 
 PREFIX = "perft_"
 ATTR = "perft_adapter"
@@ -42,13 +43,15 @@ class BlockRef(Protocol):
 def _block_hook(block: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     adapter: PerftAdapter = block.perft_adapter
     h = args[0] if args else kwargs["hidden_states"]  # [B, S, D] or [T, D]: the FFN sub-layer input
-    captured = adapter._captured
-    adapter._captured = None
+    captured, dispatch = adapter._captured, adapter._dispatch
+    adapter._captured = adapter._dispatch = None
     if adapter.needs_base_routing and captured is None:
         raise RuntimeError(f"layer {adapter.layer}: the frozen router did not run inside its block")
     base_weights, base_index = captured if captured is not None else (None, None)
     hidden = output[0] if isinstance(output, tuple) else output
-    delta = adapter(h, base_weights, base_index).to(hidden.dtype).view(hidden.shape)
+    if dispatch is not None and dispatch.index is not base_index:
+        dispatch = None  # the experts were handed another index than the router's: the bank sorts its own
+    delta = adapter(h, base_weights, base_index, dispatch).to(hidden.dtype).view(hidden.shape)
     return (hidden + delta, *output[1:]) if isinstance(output, tuple) else hidden + delta
 
 
@@ -77,6 +80,19 @@ def _router_hook(router: nn.Module, args: tuple, output: Any) -> None:
     router._perft_owner._captured = router_topk(router, output)
 
 
+class _DispatchSink:
+    """Handed each call's sort of the (token, expert) pairs by the frozen experts (perft_frozen / perft_nf4), for
+    the PERFT-E bank of the same block to route with: cleared by the block hook like the captured routing."""
+
+    def __init__(self, adapter: PerftAdapter):
+        self.adapter = weakref.ref(adapter)
+
+    def __call__(self, dispatch: Dispatch) -> None:
+        adapter = self.adapter()
+        if adapter is not None:
+            adapter._dispatch = dispatch
+
+
 def attach(
     model: nn.Module,
     blocks: Iterable[BlockRef],
@@ -91,11 +107,15 @@ def attach(
         device = next(ref.router.parameters()).device  # some routers wrap a Linear (no .weight of their own)
         adapter = PerftAdapter(config, ref.hidden_size, ref.num_experts, ref.top_k, ref.layer, recorder, device)
         adapter.train(ref.block.training)  # follow the model's mode (dropout off in eval)
-        adapter._captured = None
+        adapter._captured = adapter._dispatch = None
         handles = [ref.block.register_forward_hook(_block_hook, with_kwargs=True)]
         if adapter.needs_base_routing:
             object.__setattr__(ref.router, "_perft_owner", adapter)  # plain attribute: not a submodule
             handles.append(ref.router.register_forward_hook(_router_hook))
+        experts = getattr(ref, "experts", None)
+        if config.variant == "perft-e" and experts is not None:
+            object.__setattr__(experts, DISPATCH_SINK, _DispatchSink(adapter))
+            object.__setattr__(adapter, "_experts", experts)
         adapter._handles = handles
         object.__setattr__(adapter, "_router", ref.router)  # a reference, not a submodule (stays frozen)
         ref.block.perft_adapter = adapter
@@ -115,6 +135,9 @@ def detach(model: nn.Module) -> int:
             handle.remove()
         if hasattr(adapter._router, "_perft_owner"):
             object.__delattr__(adapter._router, "_perft_owner")
+        experts = getattr(adapter, "_experts", None)
+        if experts is not None and hasattr(experts, DISPATCH_SINK):
+            object.__delattr__(experts, DISPATCH_SINK)
         delattr(block, ATTR)
     if found:
         restore_requires_grad(model)
