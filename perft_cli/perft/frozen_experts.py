@@ -77,9 +77,14 @@ def _project_back(g: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, trans
     return _grouped_mm(g.to(w.dtype), w.transpose(-2, -1) if transposed else w, offs=offsets)
 
 
-def _to_tokens(rows: torch.Tensor, d: Dispatch, T: int) -> torch.Tensor:
-    """Sum each token's K sorted rows: [S, D] -> [T, D] (deterministic on every device)."""
-    if rows.is_cuda:
+def _to_tokens(rows: torch.Tensor, d: Dispatch, T: int, like_sum: bool = False) -> torch.Tensor:
+    """Sum each token's K sorted rows: [S, D] -> [T, D] (deterministic on every device).
+
+    ``like_sum``: the forward's reduction, which the stock path does as a K-way ``sum`` (float32 accumulation,
+    one rounding); in bf16 / fp16 a sequential ``index_add_`` would round after every add, so those take the
+    same gather and sum. (The backward's reduction is the stock path's ``index_put_`` accumulation: index_add_.)
+    """
+    if rows.is_cuda or (like_sum and rows.dtype != torch.float32):
         inverse = torch.empty_like(d.perm).scatter_(0, d.perm, torch.arange(d.perm.numel(), device=rows.device))
         return rows.index_select(0, inverse).view(T, -1, rows.shape[-1]).sum(dim=1)  # [T, D]
     # The CPU's index_add_ adds in index order; one pass over [S, D], no inverse-permutation gather.
@@ -119,7 +124,7 @@ class _FrozenExperts(torch.autograd.Function):
         if experts.has_bias:
             out = out + experts.down_proj_bias[d.expert_ids]  # [S, D]
         w = top_k_weights.reshape(-1).index_select(0, d.perm)  # [S]
-        y = _to_tokens(out * w.unsqueeze(-1), d, T)  # [T, D], in the promoted dtype as the stock path sums
+        y = _to_tokens(out * w.unsqueeze(-1), d, T, like_sum=True)  # [T, D], in the promoted dtype as the stock path sums
         ctx.save_for_backward(up, silu_gate, out, w, d.perm, d.token, d.offsets)
         ctx.experts, ctx.weight_of, ctx.up_name, ctx.T, ctx.swiglu = experts, weight_of, up_name, T, swiglu
         ctx.hidden_dtype, ctx.weights_shape, ctx.weights_dtype = hidden.dtype, top_k_weights.shape, top_k_weights.dtype
