@@ -40,6 +40,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -316,7 +317,7 @@ def nf4_like_train(model):
 
 
 def dequantized_copy_(bf16_model, nf4_model) -> None:
-    """Overwrite ``bf16_model``'s routed experts with ``nf4_model``'s dequantized weights (stock grouped_mm path)."""
+    """Overwrite ``bf16_model``'s routed experts with ``nf4_model``'s dequantized weights."""
     from perft_cli.quant.experts import EXPERT_WEIGHTS, is_experts_module
     from perft_cli.quant.nf4 import dequantize_nf4, is_nf4
 
@@ -513,6 +514,7 @@ class Suite:
 
 def section_nf4(shape: Shape, cfg: Settings, models: dict) -> dict:
     """Routed experts' bytes/param; logits against bf16; NF4 input gradients against a dequantized bf16 copy."""
+    from perft_cli.perft.frozen_experts import select_frozen_experts
     from perft_cli.quant import audit, quantize_experts_
     from perft_cli.training.step import token_nll_sum
 
@@ -525,7 +527,10 @@ def section_nf4(shape: Shape, cfg: Settings, models: dict) -> dict:
     with torch.no_grad():
         err_experts = rel_err(nf4(input_ids=batch["input_ids"]).logits.float(), ref)
     del ref
-    dequantized_copy_(bf16, nf4)  # bf16 now holds the dequantized NF4 experts and runs the stock grouped_mm path
+    dequantized_copy_(bf16, nf4)  # bf16 now holds the dequantized NF4 experts
+    # ... and runs perft's frozen experts Function on them (perft train's bf16 path), so the gradient check isolates
+    # the NF4 weights: the stock grouped_mm's bf16 backward accumulates in bf16 (index_put_), 2x further from exact.
+    select_frozen_experts(bf16)
 
     def input_grad(model):
         emb = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
@@ -556,7 +561,7 @@ def section_nf4(shape: Shape, cfg: Settings, models: dict) -> dict:
         "model_bytes_bf16": whole["bf16_bytes"],
         "logit_rel_err_linears_too_vs_dequantized": err_all,
         "notes": "logit_rel_err: experts-only NF4 vs the bf16 model; input gradients: the NF4 experts path vs the "
-        "stock grouped_mm on a bf16 copy holding the dequantized weights (same function, so ~0 expected); "
+        "same Function (perft_frozen) on a bf16 copy holding the dequantized weights (so ~0 expected); "
         "then attention Linears to NF4 too, as perft train loads nf4",
     }
 
@@ -723,11 +728,52 @@ def section_steps(shape: Shape, cfg: Settings, models: dict, suite: Suite) -> di
 
     for variant in VARIANTS:
         out[variant] = suite.section(f"  step {variant}", lambda v=variant: one(v), 3 if cfg.tiny else 8)
+    out["experts_path"] = suite.section(
+        "  experts path", lambda: experts_path(shape, cfg, models), 3 if cfg.tiny else 8
+    )
     fwd = out["frozen-forward"].get("step_s")
     if fwd:
         for variant in VARIANTS[1:]:
             if "step_s" in out[variant]:
                 out[variant]["step_over_frozen_forward"] = out[variant]["step_s"] / fwd
+    return out
+
+
+def experts_path(shape: Shape, cfg: Settings, models: dict) -> dict:
+    """The frozen bf16 base's experts through transformers' grouped_mm and through perft_frozen (what perft train
+    selects): frozen forward and PERFT-R step, the two paths alternating step by step on one model."""
+    from perft_cli.perft.frozen_experts import IMPLEMENTATION, select_frozen_experts
+
+    model = models.get("bf16_dequantized") or build_bf16(shape, cfg)
+    batch = make_batch(model.config.vocab_size, cfg)
+    paths = {"stock": "grouped_mm", "perft": IMPLEMENTATION}
+    out: dict[str, Any] = {"base": "bf16 experts"}
+    attached = None
+    try:
+        for what in ("frozen_forward", "perft_r_step"):
+            if what == "perft_r_step":
+                attached = attach(model, "perft-r")
+                model.train()
+                fn = partial(Stepper(model, attached, cfg).step, batch)
+            else:
+                fn = partial(frozen_forward, model, batch, cfg)
+            times: dict[str, list[float]] = {p: [] for p in paths}
+            for r in range(cfg.repeats + 1):
+                for path, impl in paths.items():
+                    select_frozen_experts(model, impl)
+                    sync(cfg.device)
+                    t0 = time.perf_counter()
+                    fn()
+                    sync(cfg.device)
+                    if r:  # the first round warms both paths up
+                        times[path].append(time.perf_counter() - t0)
+            stock, perft = (statistics.median(times[p]) for p in paths)
+            out[what] = {"stock_s": stock, "perft_s": perft, "speedup": stock / perft}
+    finally:
+        select_frozen_experts(model)
+        model.eval()
+        if attached is not None:
+            detach(model, "perft-r")
     return out
 
 
@@ -796,7 +842,7 @@ def section_eval_batching(cfg: Settings) -> dict:
     from eval_throughput import make_prompts, timed
 
     from perft_cli.adapters import attach_adapter
-    from perft_cli.config import AdapterConfig, ModelConfig
+    from perft_cli.config import AdapterConfig, EvalConfig, ModelConfig
     from perft_cli.modeling import load_model, load_tokenizer
     from perft_cli.tiny import save_tiny
 
@@ -813,17 +859,22 @@ def section_eval_batching(cfg: Settings) -> dict:
                 p.normal_(0.0, 0.05)
     model.to(cfg.device)
     prompts = make_prompts(cfg.eval_prompts, "commonsense")
-    timed(model, tokenizer, prompts[:2], 2, 4, True)  # warm-up
-    one, t_one = timed(model, tokenizer, prompts, 1, 4, True)
-    batched, t_batched = timed(model, tokenizer, prompts, 8, 4, True)
-    same = sum(a == b for a, b in zip(one, batched, strict=True))
+    timed(model, tokenizer, prompts[:2], 4, batch_size=2)  # warm-up
+    plain, t_plain, _ = timed(model, tokenizer, prompts, 4, batch_size=1, shared_prefill=False)  # LLM-Adapters' loop
+    one, t_one, _ = timed(model, tokenizer, prompts, 4, batch_size=1)
+    batched, t_batched, _ = timed(
+        model, tokenizer, prompts, 4, batch_tokens=EvalConfig().batch_tokens
+    )  # perft eval: token-budget batches, shared prefix
+    same = sum(a == b == c for a, b, c in zip(plain, one, batched, strict=True))
     return {
         "model": "tiny OLMoE (perft_cli.tiny) + random PERFT-R, fp32, 4 beams, 4 new tokens (measures the loop)",
         "prompts": len(prompts),
-        "batch_size": 8,
+        "batch_size": "by eval.batch_tokens",
+        "plain_loop_s": t_plain,
         "one_at_a_time_s": t_one,
         "batched_s": t_batched,
-        "speedup": t_one / t_batched,
+        "speedup": t_plain / t_batched,
+        "speedup_vs_one_at_a_time": t_one / t_batched,
         "identical_responses": same == len(prompts),
         "same_responses": same,
     }
@@ -963,6 +1014,14 @@ def render_md(result: dict) -> str:
                 lines.append(
                     f"| {v} | {row['tokens_per_s']:,.0f} | {ratio} | {_mib(row['peak_bytes'])} | {row['base']} |"
                 )
+            ep = steps.get("experts_path", {})
+            lines.append("")
+            lines.append(
+                _status(ep)
+                or "experts path (bf16 base), stock grouped_mm / perft_frozen: frozen forward "
+                f"{ep['frozen_forward']['speedup']:.2f}x, PERFT-R step {ep['perft_r_step']['speedup']:.2f}x "
+                "(above 1: perft's path is faster)"
+            )
         ck = sh.get("checkpointing", {})
         lines += ["", f"**checkpointing** ({_f(ck.get('wall_s'))} s)"]
         lines.append(
@@ -1009,8 +1068,9 @@ def render_md(result: dict) -> str:
     lines += ["", f"## eval batching ({_f(ev.get('wall_s'))} s)", ""]
     lines.append(
         _status(ev)
-        or f"{ev['prompts']} prompts, {ev['model']}: batched (bs {ev['batch_size']}) {ev['speedup']:.2f}x faster than "
-        f"one at a time; identical responses {ev['identical_responses']} ({ev['same_responses']}/{ev['prompts']})"
+        or f"{ev['prompts']} prompts, {ev['model']}: batched ({ev['batch_size']}) {ev['speedup']:.2f}x faster than "
+        f"the plain one-at-a-time loop ({ev['speedup_vs_one_at_a_time']:.2f}x than perft's own one at a time); "
+        f"identical responses {ev['identical_responses']} ({ev['same_responses']}/{ev['prompts']})"
     )
     return "\n".join(lines) + "\n"
 

@@ -80,6 +80,8 @@ def test_every_key_present(suite):
         for variant in STEP_VARIANTS:
             row = _ok(steps[variant], f"{shape}.steps.{variant}")
             assert row["tokens_per_s"] > 0 and row["peak_bytes"] >= 0
+        path = _ok(steps["experts_path"], f"{shape}.steps.experts_path")
+        assert all(path[k]["stock_s"] > 0 and path[k]["perft_s"] > 0 for k in ("frozen_forward", "perft_r_step"))
         ck = _ok(sh["checkpointing"], f"{shape}.checkpointing")
         assert "loss_diff" in ck and "grad_max_rel_diff" in ck
         assert f"## {shape}" in md
