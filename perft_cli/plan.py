@@ -11,6 +11,7 @@ from perft_cli.adapters import accounting, attach_adapter
 from perft_cli.arch import TOP_K_NAMES, config_int
 from perft_cli.config import Recipe, ignored_keys
 from perft_cli.console import human_bytes, human_count, out, warn
+from perft_cli.errors import RecipeError
 from perft_cli.modeling import DTYPES, load_config, meta_model
 
 # fp32 gradient, exp_avg and exp_avg_sq per trainable parameter (its fp32 weight is in the "adapters" weight group).
@@ -72,8 +73,42 @@ def nf4_load_transient_bytes(model, dtype) -> int:
     return max((sum(module) for module in expert_projection_bytes(model, dtype)), default=0)
 
 
-def run_plan(recipe: Recipe) -> dict[str, Any]:
-    """Build the model on the meta device, attach the recipe's adapter, count and estimate. No weights read."""
+def fsdp_weight_bytes(model, quantization: str, world: int, double_quant: bool = False) -> dict[str, int]:
+    """Per-rank bytes of the frozen base and the adapter under ``train.sharding: fsdp`` (training/sharding.py).
+
+    Every bf16/fp32 base weight is sharded 1/world; the NF4 weights and the adapter stay whole on every rank
+    (FSDP-ignored). Besides its shards a rank holds the units being computed all-gathered whole: two of the largest
+    (the one in use and, on CUDA, the next one FSDP2 prefetches; benchmarks/fsdp_memory.py measured one on the CPU,
+    where nothing overlaps). ``replicated`` counts what stays whole at its stored size (the adapter in fp32).
+    """
+    from perft_cli.perft import is_adapter_param
+    from perft_cli.quant import estimate_bytes
+    from perft_cli.quant.audit import quant_plan
+    from perft_cli.training.sharding import shard_units
+
+    plan = quant_plan(model)
+    total = estimate_bytes(model, quantization=quantization, double_quant=double_quant)["total_bytes"]
+    sharded = {
+        id(p): p.numel() * p.element_size()
+        for name, p in model.named_parameters()
+        if not is_adapter_param(name) and not (quantization == "nf4" and plan.quantized(name))
+    }
+    units = [sum(sharded.get(id(p), 0) for p in unit.parameters()) for unit in shard_units(model)]
+    shardable = sum(sharded.values())
+    return {
+        "world_size": world,
+        "sharded_bytes": -(-shardable // world),
+        "replicated_bytes": total - shardable,
+        "gathered_bytes": 2 * max(units, default=0),
+        "full_bytes": total,
+    }
+
+
+def run_plan(recipe: Recipe, world_size: int | None = None) -> dict[str, Any]:
+    """Build the model on the meta device, attach the recipe's adapter, count and estimate. No weights read.
+
+    ``world_size``: the processes of a ``train.sharding: fsdp`` run, whose per-rank memory is estimated (required
+    for fsdp; with ``none`` every process holds the whole model and the estimate is per process anyway)."""
     from perft_cli.quant import estimate_bytes
 
     config, family = load_config(recipe.model)
@@ -87,7 +122,16 @@ def run_plan(recipe: Recipe) -> dict[str, Any]:
     nf4 = recipe.model.quantization == "nf4"
     dequant = nf4_dequant_bytes(model, DTYPES[recipe.model.dtype]) if nf4 else 0
     load_peak = weights["total_bytes"] + (nf4_load_transient_bytes(model, DTYPES[recipe.model.dtype]) if nf4 else 0)
-    training = weights["total_bytes"] + optimizer + acts + dequant
+    fsdp = None
+    if recipe.train.sharding == "fsdp":
+        if not world_size or world_size < 2:
+            raise RecipeError(
+                "train.sharding: fsdp: perft plan estimates memory per rank, so it needs the number of processes; "
+                "pass --world-size N (N >= 2, all processes of all machines)"
+            )
+        fsdp = fsdp_weight_bytes(model, recipe.model.quantization, world_size, recipe.model.double_quant)
+    held = fsdp["sharded_bytes"] + fsdp["replicated_bytes"] + fsdp["gathered_bytes"] if fsdp else None
+    training = (held or weights["total_bytes"]) + optimizer + acts + dequant
     memory = {
         "weights_bytes": weights["total_bytes"],
         "weights_bf16_bytes": weights["bf16_bytes"],
@@ -99,11 +143,16 @@ def run_plan(recipe: Recipe) -> dict[str, Any]:
         "load_peak_bytes": load_peak,
         "peak_bytes": max(load_peak, training),
         "groups": weights.get("groups") or {k: v for k, v in weights.items() if isinstance(v, dict)},
+        # train.sharding: fsdp, per rank (None otherwise). Loading does not stream per rank yet: each rank reads the
+        # whole model before sharding it, so load_peak_bytes stays the whole model's.
+        "fsdp": fsdp,
         "assumes": {
             "quantization": recipe.model.quantization,
             "micro_batch_size": recipe.train.micro_batch_size,
             "seq_len": recipe.data.cutoff_len,
             "gradient_checkpointing": recipe.train.gradient_checkpointing,
+            "sharding": recipe.train.sharding,
+            "world_size": world_size,
         },
     }
     unused = ignored_keys(recipe)
@@ -137,19 +186,27 @@ def print_plan(plan: dict[str, Any]) -> None:
     t.caption = f"trainable = {plan['trainable_percent']:.4f}% of the base"
     out.print(t)
     mem = plan["memory"]
-    m = Table(title="training memory estimate (per process)")
+    per = f", per rank of {mem['fsdp']['world_size']} (fsdp)" if mem.get("fsdp") else " (per process)"
+    m = Table(title=f"training memory estimate{per}")
     m.add_column("part")
     m.add_column("bytes", justify="right")
     for group, g in mem["groups"].items():
         m.add_row(f"weights: {group}", human_bytes(g["bytes"]))
     m.add_row("[bold]weights[/]", human_bytes(mem["weights_bytes"]))
+    fsdp = mem.get("fsdp")
+    if fsdp:
+        w = fsdp["world_size"]
+        m.add_row(f"  fsdp: this rank's shards (1/{w})", human_bytes(fsdp["sharded_bytes"]))
+        m.add_row("  fsdp: replicated (NF4 weights, adapter)", human_bytes(fsdp["replicated_bytes"]))
+        m.add_row("  fsdp: two units all-gathered", human_bytes(fsdp["gathered_bytes"]))
     m.add_row("adapter gradients + AdamW state", human_bytes(mem["adapter_grad_optimizer_bytes"]))
     m.add_row("activations (rough)", human_bytes(mem["activation_bytes"]))
     if mem.get("nf4_dequant_bytes"):
         m.add_row("one expert projection dequantized (nf4)", human_bytes(mem["nf4_dequant_bytes"]))
     m.add_row("[bold]total (training)[/]", human_bytes(mem["total_bytes"]))
     if mem.get("load_peak_bytes", 0) > mem["total_bytes"]:
-        m.add_row("[bold]peak while loading[/] (one layer's experts in bf16)", human_bytes(mem["load_peak_bytes"]))
+        why = "every rank reads the whole model, then shards it" if fsdp else "one layer's experts in bf16"
+        m.add_row(f"[bold]peak while loading[/] ({why})", human_bytes(mem["load_peak_bytes"]))
     a = mem["assumes"]
     m.caption = (
         f"{a['quantization']} weights (all-bf16 size {human_bytes(mem['weights_bf16_bytes'])}), micro-batch "

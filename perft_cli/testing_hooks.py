@@ -2,7 +2,7 @@
 stop hard or dump its state at a chosen point. For every user they are unset, and each hook does nothing.
 
 - ``PERFT_TEST_KILL_AT_STEP=N``: SIGKILL the process right after the checkpoint of step N is written, as a crash
-  would (the kill -9 resume tests).
+  would (the kill -9 resume tests). With ``PERFT_TEST_KILL_RANK=R`` only the process of global rank R does.
 - ``PERFT_TEST_DUMP_ADAPTER=DIR``: at the end of training, every process writes its adapter weights to
   ``DIR/rank<r>.safetensors`` (the data-parallel tests compare the ranks).
 - ``PERFT_TEST_SIGINT_AT=final-eval|summary``: the process sends itself SIGINT (a Ctrl-C) at that point after the
@@ -20,13 +20,15 @@ if TYPE_CHECKING:
     import torch
 
 KILL_ENV = "PERFT_TEST_KILL_AT_STEP"
+KILL_RANK_ENV = "PERFT_TEST_KILL_RANK"
 DUMP_ENV = "PERFT_TEST_DUMP_ADAPTER"
 SIGINT_ENV = "PERFT_TEST_SIGINT_AT"
 
 
 def kill_after_save(step: int) -> None:
     """SIGKILL this process if the tests asked for a hard kill after the checkpoint of ``step``."""
-    if os.environ.get(KILL_ENV) == str(step):
+    rank = os.environ.get("RANK", "0")
+    if os.environ.get(KILL_ENV) == str(step) and os.environ.get(KILL_RANK_ENV, rank) == rank:
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -242,6 +242,7 @@ def interrupt_flag():
 def finish(run: Run, pos: Position, status: str, seconds: float, train_seconds: float, tokens: int) -> dict[str, Any]:
     """The end-of-run summary (summary.json + a table) and the test hook that dumps every process's adapter."""
     from perft_cli.adapters import adapter_state
+    from perft_cli.training.sharding import frozen_base_bytes
 
     mem, kind = peak_memory()
     last, best = ck.latest_checkpoint(run.run_dir), ck.best_checkpoint(run.run_dir)
@@ -266,6 +267,9 @@ def finish(run: Run, pos: Position, status: str, seconds: float, train_seconds: 
         "last_checkpoint": str(last) if last else None,
         "best_checkpoint": str(best) if best else None,
         "processes": run.accelerator.num_processes,
+        "sharding": run.recipe.train.sharding,
+        # rank 0's frozen base: its shards, what stays whole (NF4), and the whole model's size (train.sharding: fsdp)
+        "frozen_base_bytes": frozen_base_bytes(run.unwrapped) if run.sharded else None,
     }
     write_summary(run.run_dir, summary)
     if os.environ.get(testing_hooks.DUMP_ENV):

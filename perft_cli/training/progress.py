@@ -155,11 +155,21 @@ def print_start(info: dict[str, Any]) -> None:
     err.print(
         f"[bold]data:[/] {info['train_examples']:,} train / {info['val_examples']:,} held out from {info['source']}; "
         f"{info['steps_per_epoch']} steps/epoch, {info['total_steps']} steps, batch {info['batch_size']} = "
-        f"{info['micro_batch_size']} x {info['accumulation']} accumulation x {info['processes']} process(es)",
+        f"{info['micro_batch_size']} x {info['accumulation']} accumulation x {info['processes']} process(es)"
+        + ("; frozen base sharded across them (FSDP2)" if info.get("sharding") == "fsdp" else ""),
         soft_wrap=True,
     )
     if info.get("resumed_from"):
         err.print(f"[bold]resumed[/] from {info['resumed_from']} at step {info['start_step']}", soft_wrap=True)
+
+
+def _sharding_row(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    base = summary.get("frozen_base_bytes")
+    if not base:
+        return []
+    held = base["sharded"] + base["replicated"]
+    replicated = f"; {human_bytes(base['replicated'])} of it whole on every rank: NF4" if base["replicated"] else ""
+    return [("frozen base", f"{human_bytes(held)} of {human_bytes(base['full'])} on rank 0 (FSDP2{replicated})")]
 
 
 def peak_memory() -> tuple[int, str]:
@@ -195,6 +205,7 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
             f"{summary['trainable_params']:,} trainable, {summary['activated_params']:,} activated per token",
         ),
         ("run directory", summary["run_dir"]),
+        *_sharding_row(summary),
         ("last checkpoint", summary.get("last_checkpoint") or "-"),
         ("best checkpoint", summary.get("best_checkpoint") or "-"),
     ]

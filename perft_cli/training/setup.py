@@ -27,7 +27,7 @@ class Run:
     recipe: Recipe
     run_dir: Path
     accelerator: Any
-    model: Any  # as prepared (DDP-wrapped in data parallel runs)
+    model: Any  # as prepared (DDP-wrapped in data parallel runs, sharded in place with train.sharding: fsdp)
     unwrapped: Any
     attached: Any
     optimizer: Any
@@ -44,6 +44,7 @@ class Run:
     total_steps: int
     accounting: dict[str, Any]
     data_fingerprint: str  # of the tokenised training set, saved with checkpoints to notice changed data
+    sharded: bool = False  # train.sharding: fsdp (training/sharding.py)
 
 
 def check_trackers(report_to: list[str]) -> None:
@@ -164,8 +165,11 @@ def make_accelerator(recipe: Recipe, run_dir: Path):
     """Accelerator with bf16 autocast on CUDA (fp32 on CPU) and accumulation = batch / (micro * processes)."""
     from accelerate import Accelerator
 
+    from perft_cli.training.sharding import check_sharding
+
     t = recipe.train
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_sharding(recipe)
     if t.batch_size % (t.micro_batch_size * world):
         raise RecipeError(
             f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size={t.micro_batch_size} "
@@ -260,7 +264,13 @@ def setup_training(recipe, run_dir, accelerator, model, attached, tokenizer, tra
         enable_checkpointing(model)
     params = [p for _, p in trainable_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
-    if recipe.model.device_map:  # model parallel: the model stays where from_pretrained put its layers
+    counts = accounting(model, attached)  # before sharding: it counts whole tensors
+    sharded = recipe.train.sharding == "fsdp"
+    if sharded:  # FSDP2 in place, adapters replicated (training/sharding.py); no DDP wrapper
+        from perft_cli.training.sharding import shard_model
+
+        prepared, device = shard_model(model, accelerator.device), accelerator.device
+    elif recipe.model.device_map:  # model parallel: the model stays where from_pretrained put its layers
         prepared, device = model, model.get_input_embeddings().weight.device
     else:
         prepared, device = accelerator.prepare_model(model), accelerator.device
@@ -289,8 +299,9 @@ def setup_training(recipe, run_dir, accelerator, model, attached, tokenizer, tra
         val_set=val_set,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
-        accounting=accounting(model, attached),
+        accounting=counts,
         data_fingerprint=fingerprint(train_set),
+        sharded=sharded,
     )
 
 
@@ -316,6 +327,7 @@ def start_info(run: Run, family, source: str, resume_from: Path | None, start_st
         "micro_batch_size": r.train.micro_batch_size,
         "accumulation": run.accelerator.gradient_accumulation_steps,
         "processes": run.accelerator.num_processes,
+        "sharding": r.train.sharding,
         "resumed_from": str(resume_from) if resume_from else None,
         "start_step": start_step,
     }

@@ -17,6 +17,7 @@ from perft_cli.console import is_main_process, warn
 from perft_cli.errors import CheckpointError
 from perft_cli.training.resume import optimizer_files, read_training_state, rng_states, scheduler_json, set_rng_states
 from perft_cli.training.setup import Run
+from perft_cli.training.sharding import check_ranks_agree
 
 
 @dataclass
@@ -131,6 +132,7 @@ def save(run: Run, pos: Position, best: bool = False) -> Path:
             ck.write_best(run.run_dir, path, pos.best_eval, pos.step)
             ck.prune_checkpoints(run.run_dir)
         run.accelerator.wait_for_everyone()
+        check_ranks_agree(trainable(run), run.accelerator.device, f"the save of step {pos.step}")
         return path
     rng = gather_object([rng_states()])  # [(tensors, json)] per process, in rank order
     if is_main_process():
@@ -148,9 +150,16 @@ def save(run: Run, pos: Position, best: bool = False) -> Path:
             ck.write_best(run.run_dir, path, pos.best_eval, pos.step)
         ck.prune_checkpoints(run.run_dir)
     run.accelerator.wait_for_everyone()
+    # What rank 0 wrote is what every rank trains on: a cheap checksum all-reduce, a loud stop if they differ.
+    check_ranks_agree(trainable(run), run.accelerator.device, f"the save of step {pos.step}")
     pos.last_saved = pos.step
     testing_hooks.kill_after_save(pos.step)
     return path
+
+
+def trainable(run: Run) -> list[tuple[str, Any]]:
+    """The adapter's parameters by name, in the model's order (the same on every rank)."""
+    return [(n, p) for n, p in run.unwrapped.named_parameters() if p.requires_grad]
 
 
 def write_or_explain(path: Path, **parts: Any) -> None:

@@ -20,6 +20,7 @@ from perft_cli.data import IGNORE_INDEX, collate, epoch_batches, rank_micro_batc
 from perft_cli.errors import PerftError
 from perft_cli.training.collapse import CollapseWatch
 from perft_cli.training.setup import Run
+from perft_cli.training.sharding import average_gradients, even_eval_batches
 from perft_cli.training.state import Position
 
 
@@ -63,6 +64,8 @@ def train_step(run: Run, micro: list[list[int]], watch: CollapseWatch, stop: dic
         sums += forward_backward(run, batch, max(n_labels, 1))
         watch.add(run.attached.recorder.index, batch["attention_mask"])
         tokens += int(batch["attention_mask"].sum())
+    if run.sharded:  # the adapters are FSDP-ignored, replicated: their gradients are averaged here (no DDP)
+        average_gradients(run.params)
     count = len(batches) * a.num_processes
     lm, base, perft, tokens, stopped = reduce_sum(run, [*sums.tolist(), tokens, float(stop["stop"])])
     base, perft = base / count, perft / count
@@ -167,15 +170,19 @@ def evaluate(run: Run) -> float:
     """Mean next-token loss over the held-out split (LM loss only, no aux loss: method.md), split over processes."""
     a, model = run.accelerator, run.unwrapped
     model.eval()
-    mine = list(range(a.process_index, len(run.val_set), a.num_processes))
     nll, count = 0.0, 0
-    size = run.recipe.train.micro_batch_size
-    for s in range(0, len(mine), size):
-        batch = {k: v.to(run.device) for k, v in collate(run.val_set, mine[s : s + size], run.pad_id).items()}
+    for idx in even_eval_batches(
+        len(run.val_set), a.process_index, a.num_processes, run.recipe.train.micro_batch_size
+    ):
+        if not idx and not run.sharded:
+            continue
+        # Sharded, every rank runs as many forwards as the busiest one (each is a collective): padding counts nothing.
+        batch = {k: v.to(run.device) for k, v in collate(run.val_set, idx or [0], run.pad_id).items()}
         with a.autocast():
             output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        nll += float(token_nll_sum(output.logits, batch["labels"]))
-        count += label_count(batch)
+        if idx:
+            nll += float(token_nll_sum(output.logits, batch["labels"]))
+            count += label_count(batch)
     model.train()
     total_nll, total_count = reduce_sum(run, [nll, count])
     return total_nll / max(total_count, 1)
