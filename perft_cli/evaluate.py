@@ -97,11 +97,15 @@ def run_eval(
             _place(model)
             started = time.time()
             if mode == "lm-eval":
+                lm_batch = batch_size or lm_eval_mode.BATCH_SIZE
                 result = lm_eval_mode.run_lm_eval(
-                    model, tokenizer, *lm_tasks, examples_tmp, batch_size=batch_size, limit=limit
+                    model, tokenizer, *lm_tasks, examples_tmp, batch_size=lm_batch, limit=limit
                 )
             else:
-                settings = dict(batch_size=batch_size, num_beams=cfg.num_beams, max_new_tokens=max_new_tokens)
+                settings = dict(
+                    batch_size=batch_size, batch_tokens=cfg.batch_tokens, num_beams=cfg.num_beams,
+                    max_new_tokens=max_new_tokens,
+                )  # fmt: skip
                 backbone = (recipe.model.quantization, recipe.model.dtype)
                 result = _run_generation(
                     model, tokenizer, loaded, examples_tmp, limit=limit, backbone=backbone, **settings
@@ -156,7 +160,17 @@ def _with_progress(model, tokenizer, task: Task, records: list[dict], **kwargs: 
 
 
 def _run_generation(
-    model, tokenizer, loaded, examples_file: Path, *, limit, backbone, batch_size, num_beams, max_new_tokens
+    model,
+    tokenizer,
+    loaded,
+    examples_file: Path,
+    *,
+    limit,
+    backbone,
+    batch_size,
+    batch_tokens,
+    num_beams,
+    max_new_tokens,
 ):
     from perft_cli.console import warn
 
@@ -171,8 +185,8 @@ def _run_generation(
             max_tokens[task.name] = max_new_tokens or task.max_new_tokens
             started = time.time()
             rows = _with_progress(
-                model, tokenizer, task, records, batch_size=batch_size, num_beams=num_beams,
-                max_new_tokens=max_tokens[task.name],
+                model, tokenizer, task, records, batch_size=batch_size, batch_tokens=batch_tokens,
+                num_beams=num_beams, max_new_tokens=max_tokens[task.name],
             )  # fmt: skip
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
@@ -206,7 +220,8 @@ def _run_generation(
             prompt_template=PROMPT_TEMPLATE,
             prompt_template_sha256={k: _template_sha(k == COMMONSENSE) for k in (COMMONSENSE, ARITHMETIC)},
             num_beams=num_beams,
-            batch_size=batch_size,
+            batch_size=batch_size,  # None: batches of up to batch_tokens (generation.batches)
+            batch_tokens=None if batch_size else batch_tokens,
             padding_side="left",
             max_new_tokens=max_tokens,
             answer_rules={task.name: task.rule for task, _, _ in loaded},

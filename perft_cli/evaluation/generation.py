@@ -1,7 +1,8 @@
 """Batched generation and scoring for the paper's evaluation protocol (method.md).
 
 Prompts are generated in batches with left padding, longest first (a too-large batch fails on the first batch, and
-similar lengths waste little padding), each prompt run once rather than once per beam; outputs are put back in the
+similar lengths waste little padding), as many a batch as a token budget allows (``batches``); the prompts' shared
+prefix is computed once and each prompt once rather than once per beam (``prefill``); outputs are put back in the
 caller's order. ``evaluate_task`` turns one task's records into scored rows with ``tasks.extract_answer``.
 """
 
@@ -26,11 +27,27 @@ GENERATION = dict(
 )
 
 
-def _cache_kwarg() -> str:
-    """generate()'s name for a ready KV cache: ``cache`` from transformers 5.2x (``past_key_values`` warns there)."""
-    from transformers.generation import utils
+def batches(
+    lengths: list[int], *, batch_size: int | None, batch_tokens: int | None, new_tokens: int, num_beams: int
+) -> list[list[int]]:
+    """Prompt indices in batches, longest first: ``batch_size`` a batch, else as many as fit in ``batch_tokens``.
 
-    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+    The budget bounds the KV cache a batch ends with: n prompts padded to the longest (the batch's first), L tokens,
+    hold n * num_beams * (L + new_tokens) tokens. It sets memory (eval.batch_tokens says how much on a real model);
+    a batch always takes one prompt, however long.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep the file's order
+    if batch_size is not None:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if batch_tokens is None:
+        raise ValueError("pass batch_size or batch_tokens")
+    out: list[list[int]] = []
+    for i in order:
+        if out and (len(out[-1]) + 1) * num_beams * (lengths[out[-1][0]] + new_tokens) <= batch_tokens:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
 
 
 def iter_responses(
@@ -38,34 +55,42 @@ def iter_responses(
     tokenizer,
     prompts: list[str],
     *,
-    batch_size: int,
     num_beams: int,
     max_new_tokens: int,
+    batch_size: int | None = None,
+    batch_tokens: int | None = None,
     shared_prefill: bool = True,
+    shared_prefix: bool = True,
 ) -> Iterator[list[tuple[int, str]]]:
     """Yield ``[(prompt index, response)]`` batch by batch, longest prompts first (left-padded beam search).
 
-    ``shared_prefill``: run the prompt once per example instead of once per beam (see ``_prefill``); the answers
-    are the same (tested on every family), generation is 2-4x faster when the prompt dominates (commonsense).
+    ``batch_size``: prompts per batch; None: as many as fit in ``batch_tokens`` (``batches``). ``shared_prefill``:
+    run the prompt once per example instead of once per beam; ``shared_prefix``: and the prompts' common first
+    tokens (the template's header) once for all (``prefill``). Neither changes an answer (tested on several
+    families); with 4 new tokens (commonsense) the prompt is most of the work.
     """
     import torch
 
+    from perft_cli.evaluation.prefill import cache_kwarg, cache_reuse, common_prefix, prefill, prefix_cache
+
     tokenizer.padding_side = "left"  # generation continues from the last column, so padding goes on the left
     ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))  # stable: ties keep the file's order
     device = model.get_input_embeddings().weight.device
     eos = model.generation_config.eos_token_id
-    cache_kwarg = _cache_kwarg()
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    reuse = cache_reuse(model) if shared_prefill else "none"
+    prefix = None
+    if reuse == "prefix" and shared_prefix and len(ids) > 1:
+        prefix = prefix_cache(model, ids[0][: common_prefix(ids)])
+    sizing = dict(batch_size=batch_size, batch_tokens=batch_tokens, new_tokens=max_new_tokens, num_beams=num_beams)
+    for idx in batches([len(x) for x in ids], **sizing):
         batch = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(device)  # [B, S]
         with torch.inference_mode():
-            cache = _prefill(model, batch, num_beams) if shared_prefill else None
+            cache = prefill(model, batch, num_beams, prefix) if reuse != "none" else None
             # position_ids follow the attention mask (generate derives them), so padding does not shift positions.
             out = model.generate(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
-                **({cache_kwarg: cache} if cache is not None else {}),
+                **({cache_kwarg(): cache} if cache is not None else {}),
                 num_beams=num_beams,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
@@ -74,30 +99,6 @@ def iter_responses(
             )  # [B, S + new]
         texts = tokenizer.batch_decode(out, skip_special_tokens=True)
         yield [(i, response_of(t)) for i, t in zip(idx, texts, strict=True)]
-
-
-def _prefill(model, batch, num_beams: int):
-    """The KV cache of all prompt tokens but the last, computed once and repeated for each beam (or None).
-
-    generate() expands the prompt to B * num_beams rows before its first forward, so the prompt (most of the cost
-    with 4 new tokens) would run num_beams times. generate() then processes only the last prompt token, from this
-    cache; positions are computed from the attention mask exactly as generate() does.
-    """
-    ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, S]
-    if num_beams == 1 or ids.shape[1] < 2 or model.generation_config.cache_implementation not in (None, "dynamic"):
-        return None
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [B, S], as generate() derives them
-    out = model(
-        input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True,
-        logits_to_keep=1,
-    )  # fmt: skip
-    # transformers 5.2x names it ``cache`` (reading ``past_key_values`` logs a deprecation); older 5.x the other way.
-    cache = getattr(out, "cache", None) if hasattr(type(out), "cache") or "cache" in out else None
-    cache = cache if cache is not None else out.get("past_key_values")
-    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-        return None
-    cache.batch_repeat_interleave(num_beams)  # [B * num_beams, ...], the row order of generate()'s expansion
-    return cache
 
 
 def generate_responses(model, tokenizer, prompts: list[str], **kwargs: Any) -> list[str]:
@@ -115,17 +116,19 @@ def evaluate_task(
     task: Task,
     records: list[dict],
     *,
-    batch_size: int,
     num_beams: int,
     max_new_tokens: int,
+    batch_size: int | None = None,
+    batch_tokens: int | None = None,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
     """Generate, extract and score every record; one row per example, in the file's order."""
     prompts = [eval_prompt(r["instruction"], r["input"], commonsense=task.kind == COMMONSENSE) for r in records]
     rows: list[dict | None] = [None] * len(records)
     done = correct = 0
+    sizing = dict(batch_size=batch_size, batch_tokens=batch_tokens)
     for batch in iter_responses(
-        model, tokenizer, prompts, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens
+        model, tokenizer, prompts, num_beams=num_beams, max_new_tokens=max_new_tokens, **sizing
     ):
         for i, text in batch:
             pred = extract_answer(task, text)

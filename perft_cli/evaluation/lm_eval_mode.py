@@ -34,6 +34,9 @@ LM_EVAL_TYPES = {  # lm-eval output types, as the table shows them
     "loglikelihood_rolling": "rolling",
     "generate_until": "generate",
 }
+# Requests per forward without eval.batch_size: its old default. The generation protocol's token budget does not
+# carry over, as HFLM batches log-likelihood requests itself and takes a fixed size.
+BATCH_SIZE = 8
 LM_EVAL_INSTALL = "--mode lm-eval needs lm-evaluation-harness: pip install 'perft-cli[lm-eval]'"
 
 
