@@ -212,6 +212,10 @@ def plan(
     recipe: RecipeArg,
     set_: SetOpt = None,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    world_size: Annotated[
+        int | None,
+        typer.Option("--world-size", min=1, help="train.sharding: fsdp: processes in all (per-rank memory)."),
+    ] = None,
 ) -> None:
     """Count parameters (trainable, activated per token, total) and estimate training memory from config.json alone."""
     from perft_cli.config import load_recipe
@@ -220,7 +224,7 @@ def plan(
     from perft_cli.console import print_json
     from perft_cli.plan import print_plan, run_plan  # torch and transformers: only once the recipe is right
 
-    result = run_plan(loaded)
+    result = run_plan(loaded, world_size)
     print_json(result) if json_ else print_plan(result)
 
 
@@ -381,6 +385,43 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     from perft_cli.validate import print_checks, run_validate
 
     print_checks(run_validate(loaded))
+
+
+@app.command()
+@user_errors
+def demo(
+    recipe: Annotated[
+        str | None,
+        typer.Argument(help="A recipe file, or a shipped recipe's name (default: demo).", show_default=False),
+    ] = None,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick", help="150 training steps instead of 800; 40 examples per eval task and in the routing report."
+        ),
+    ] = False,
+    set_: SetOpt = None,
+    output_dir: Annotated[
+        Path | None, typer.Option("--output-dir", help="Run directory (default: runs/demo-RECIPE-TIME).")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Examples per eval task and in the routing report.")
+    ] = None,
+) -> None:
+    """Train, evaluate before and after, and report routing on the tiny demo MoE, in one process (CPU, no hub).
+
+    The same steps and output files as perft train, perft eval --base, perft eval and perft inspect-routing.
+    """
+    from perft_cli.demo import DemoInterrupted, format_table, run_demo
+
+    try:
+        result = run_demo(recipe, quick=quick, overrides=list(set_ or []), output_dir=output_dir, limit=limit)
+    except DemoInterrupted as e:
+        from perft_cli.console import info
+
+        info(str(e))
+        raise typer.Exit(130) from None
+    typer.echo(format_table(result))
 
 
 recipes_app = typer.Typer(

@@ -112,6 +112,9 @@ class TrainConfig(_Section):
     log_every: int = Field(1, ge=1, description="Write metrics.jsonl every N steps.")
     seed: int = Field(42, description="Seed for adapter init, data order and dropout.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="none: one process or DDP replicas; fsdp: the frozen base sharded across ranks (FSDP2)."
+    )
     report_to: list[Literal["tensorboard", "wandb"]] = Field([], description="Extra trackers through Accelerate.")
     collapse_share: float = Field(
         0.9, gt=0, le=1, description="Warn when one PERFT-R expert is chosen by this share of a layer's tokens."
@@ -130,7 +133,14 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     tasks: list[str] = Field([], description="Task names (method.md); empty: all tasks of data.train's kind.")
     data_dir: str | None = Field(None, description="Folder with <task>/test.json files (LLM-Adapters layout).")
-    batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
+    batch_size: int | None = Field(
+        None, ge=1, description="Prompts per generation batch; None: as many as eval.batch_tokens holds (lm-eval: 8)."
+    )
+    # 32768 tokens of OLMoE-1B-7B's KV cache (16 layers x K,V x 2048 x bf16 = 128 KiB a token) are 4 GiB, twice
+    # that while beam search reorders it: ~80 commonsense prompts a batch (~100 tokens + 4 new), ~20 arithmetic.
+    batch_tokens: int = Field(
+        32768, ge=1, description="Token budget of a generation batch: prompts x beams x (longest prompt + new tokens)."
+    )
     num_beams: int = Field(4, ge=1, description="Beam search width (paper: 4).")
     max_new_tokens: int | None = Field(None, ge=1, description="None: 4 for commonsense, 256 for arithmetic.")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N examples per task.")
