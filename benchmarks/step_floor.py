@@ -7,10 +7,12 @@ plus the adapters' own cost. This prints, in one run, on an OLMoE-shaped random 
 autocast on CUDA, as ``perft train`` runs it):
 
 - per variant (frozen forward, floor = forward + backward to the input embeddings, PERFT-R N8 K2 r8, PERFT-E r8,
-  PERFT-D N2 r8, PERFT-S r8, LoRA q,v r8): seconds per step under both experts paths (transformers' ``grouped_mm``
-  and perft's ``perft_frozen``, perft_cli/perft/frozen_experts.py), step / frozen forward, step / floor, and the
-  stock / perft speed-up. A step is ``perft train``'s: LM loss + aux losses, backward, clipping, AdamW.
-- PERFT-E / PERFT-R at the same paths (PERFT-E reuses the base experts' sort of the (token, expert) pairs).
+  PERFT-R at PERFT-E's size, PERFT-D N2 r8, PERFT-S r8, LoRA q,v r8): seconds per step under both experts paths
+  (transformers' ``grouped_mm`` and perft's ``perft_frozen``, perft_cli/perft/frozen_experts.py), step / frozen
+  forward, step / floor, and the stock / perft speed-up. A step is ``perft train``'s: LM loss + aux losses,
+  backward, clipping, AdamW.
+- PERFT-E / PERFT-R, against PERFT-R N8 K2 and against PERFT-R with PERFT-E's bank (N = E, K = k, r 8: equal
+  activated adapter parameters; PERFT-E reuses the base experts' sort of the (token, expert) pairs).
 - ``--profile``: where a PERFT-R step's time goes (torch.profiler, top operators, matmuls vs the rest).
 - ``--layer-alone``: one PERFT-R layer alone at the paper's batch (16 x 256), N in 2..64: cost ratio N=64 / N=2
   against the activated-parameter ratio (method.md accounting).
@@ -40,6 +42,8 @@ PATHS = {"stock": "grouped_mm", "perft": IMPLEMENTATION}
 ADAPTERS = {
     "perft-r": dict(variant="perft-r", num_experts=8, top_k=2, rank=8),
     "perft-e": dict(variant="perft-e", rank=8),
+    # PERFT-R with PERFT-E's bank (N = E, K = k, r = 8): the same activated adapter parameters, plus its router
+    "perft-r-e-size": dict(variant="perft-r", num_experts=None, top_k=None, rank=8),
     "perft-d": dict(variant="perft-d", num_experts=2, rank=8),
     "perft-s": dict(variant="perft-s", rank=8),
     "lora": dict(variant="lora", rank=8),
@@ -154,7 +158,10 @@ def row_fn(name: str, model, batch, acc, device):
 
         return floor, lambda: None
     torch.manual_seed(1)
-    attached = attach_adapter(model, AdapterConfig(**ADAPTERS[name]), family_for(model.config.model_type))
+    adapter = dict(ADAPTERS[name])
+    if adapter.get("num_experts", 0) is None:  # the base's E and k
+        adapter.update(num_experts=model.config.num_experts, top_k=model.config.num_experts_per_tok)
+    attached = attach_adapter(model, AdapterConfig(**adapter), family_for(model.config.model_type))
     model.train()
     stepper = Stepper(model, attached, acc)
 
@@ -188,6 +195,7 @@ def measure(args, device) -> dict:
         }
     result["speedup"] = {name: rows[name]["stock"] / rows[name]["perft"] for name in ROWS}
     result["perft_e_over_perft_r"] = {p: rows["perft-e"][p] / rows["perft-r"][p] for p in PATHS}
+    result["perft_e_over_perft_r_e_size"] = {p: rows["perft-e"][p] / rows["perft-r-e-size"][p] for p in PATHS}
     if args.profile:
         result["profile"] = profile_perft_r(model, batch, acc, device)
     return result
@@ -247,8 +255,12 @@ def report(result: dict) -> None:
                 else ""
             )
         )
-    e = result["perft_e_over_perft_r"]
-    print(f"PERFT-E / PERFT-R step: perft path {e['perft']:.3f}, stock path {e['stock']:.3f}")
+    e, same = result["perft_e_over_perft_r"], result["perft_e_over_perft_r_e_size"]
+    print(f"PERFT-E / PERFT-R (N8 K2) step: perft path {e['perft']:.3f}, stock path {e['stock']:.3f}")
+    print(
+        f"PERFT-E / PERFT-R at PERFT-E's size (N=E, K=k, r8: equal activated adapter parameters): perft path "
+        f"{same['perft']:.3f}, stock path {same['stock']:.3f} (target <= 1.1)"
+    )
     slower = [n for n in ROWS[2:] if result["speedup"][n] < 1.0]
     print("every variant faster on the perft path:", "yes" if not slower else f"no ({', '.join(slower)})")
     if "profile" in result:

@@ -20,11 +20,11 @@ if [ ! -f demo/tiny-moe/model.safetensors ]; then
   echo "== 0/4 demo/tiny-moe is missing: pretraining it (scripts/pretrain_tiny_moe.py)"
   .venv/bin/python scripts/pretrain_tiny_moe.py --out demo/tiny-moe
 fi
-# Two threads, as the demo's published numbers were made with (demo/README.md: one thread's float sums differ).
-# PASSIVE: a waiting OpenMP thread sleeps instead of spinning. The same threads split the same work (60 training
-# steps: bitwise the same losses), but when another process holds a core, spinning made a run 10x slower (88 s
-# against 9 s for 60 steps; evals 74 s against 3 s).
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} TOKENIZERS_PARALLELISM=false
+# One thread: at the demo's tiny width a second thread costs more than it gives (800 steps: 112 s against 136 s
+# with two, 2026-12-02), and demo/README.md's table was made with one. PASSIVE: a waiting OpenMP thread sleeps
+# instead of spinning (the same numbers; with two threads and another process holding a core, spinning made a run
+# 10x slower).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} TOKENIZERS_PARALLELISM=false
 RUN=runs/demo-$(basename "$RECIPE" .yaml)-$(date +%Y%m%d-%H%M%S)
 # One process for all four steps: each separate perft command paid ~8 s importing torch and transformers.
 exec .venv/bin/perft demo "$RECIPE" --output-dir "$RUN" ${QUICK[@]+"${QUICK[@]}"}

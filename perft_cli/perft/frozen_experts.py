@@ -124,7 +124,7 @@ class _FrozenExperts(torch.autograd.Function):
         if experts.has_bias:
             out = out + experts.down_proj_bias[d.expert_ids]  # [S, D]
         w = top_k_weights.reshape(-1).index_select(0, d.perm)  # [S]
-        y = _to_tokens(out * w.unsqueeze(-1), d, T, like_sum=True)  # [T, D], in the promoted dtype as the stock path sums
+        y = _to_tokens(out * w.unsqueeze(-1), d, T, like_sum=True)  # [T, D] in the promoted dtype, as stock sums
         ctx.save_for_backward(up, silu_gate, out, w, d.perm, d.token, d.offsets)
         ctx.experts, ctx.weight_of, ctx.up_name, ctx.T, ctx.swiglu = experts, weight_of, up_name, T, swiglu
         ctx.hidden_dtype, ctx.weights_shape, ctx.weights_dtype = hidden.dtype, top_k_weights.shape, top_k_weights.dtype
