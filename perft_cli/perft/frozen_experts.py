@@ -204,16 +204,17 @@ ExpertsInterface.register(IMPLEMENTATION, frozen_experts_forward)
 def select_frozen_experts(model: nn.Module, name: str = IMPLEMENTATION) -> None:
     """Point the model's experts dispatch at ``name`` (and every config that an experts module reads); a model
     without fused experts modules is left as it is."""
-    if not any(_is_experts(m) for m in model.modules()):
+    if not any(is_experts_module(m) for m in model.modules()):
         return
     if hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation(name)
     # Experts modules read their own config; a wrapped or partial model may not route through the call above.
     for module in model.modules():
         config = getattr(module, "config", None)
-        if _is_experts(module) and config is not None and config._experts_implementation != name:
+        if is_experts_module(module) and config is not None and config._experts_implementation != name:
             config._experts_implementation_internal = name
 
 
-def _is_experts(module: nn.Module) -> bool:
+def is_experts_module(module: nn.Module) -> bool:
+    """A transformers-5 fused experts module (decorated with ``@use_experts_implementation``)."""
     return hasattr(module, "is_transposed") and hasattr(module, "has_gate") and hasattr(module, "num_experts")

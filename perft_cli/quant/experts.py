@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers.integrations.moe import ExpertsInterface
 
-from perft_cli.perft.frozen_experts import frozen_experts_forward
+from perft_cli.perft.frozen_experts import frozen_experts_forward, is_experts_module, select_frozen_experts
 from perft_cli.quant.nf4 import disable_cpu_repack_, is_nf4, quantize_nf4
 
 IMPLEMENTATION = "perft_nf4"  # the name registered in transformers' ExpertsInterface
@@ -42,11 +42,6 @@ def nf4_experts_forward(
 
 
 ExpertsInterface.register(IMPLEMENTATION, nf4_experts_forward)
-
-
-def is_experts_module(module: nn.Module) -> bool:
-    """A transformers-5 fused experts module (decorated with ``@use_experts_implementation``)."""
-    return hasattr(module, "is_transposed") and hasattr(module, "has_gate") and hasattr(module, "num_experts")
 
 
 def quantize_experts_(
@@ -75,10 +70,4 @@ def quantize_experts_(
 
 def select_nf4_experts(model: nn.Module) -> None:
     """Point the model's experts dispatch at the NF4 routine (and every config that an experts module reads)."""
-    if hasattr(model, "set_experts_implementation"):
-        model.set_experts_implementation(IMPLEMENTATION)
-    # Experts modules read their own config; a wrapped or partial model may not route through the call above.
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if is_experts_module(module) and config is not None and config._experts_implementation != IMPLEMENTATION:
-            config._experts_implementation_internal = IMPLEMENTATION
+    select_frozen_experts(model, IMPLEMENTATION)
