@@ -112,9 +112,8 @@ class _FrozenExperts(torch.autograd.Function):
             up = up + getattr(experts, f"{up_name}_bias")[d.expert_ids]  # [S, 2I]
         if swiglu:
             inter = up.shape[-1] // 2
-            silu_gate = torch.nn.functional.silu(
-                up[:, :inter]
-            )  # [S, I], saved for backward as the stock graph saves it
+            # saved for backward, as the stock graph saves it
+            silu_gate = torch.nn.functional.silu(up[:, :inter])  # [S, I]
             act = silu_gate * up[:, inter:]  # [S, I]
         else:
             silu_gate = up.new_empty(0)
