@@ -9,9 +9,9 @@ loader (``model.quantization`` as given), attaches a PERFT-R adapter and runs on
 ``none`` (the whole base on every rank, as DDP holds it), then after ``training/sharding.shard_model`` (FSDP2). A
 dispatch mode samples, after every op of both steps, the bytes of the frozen base's tensors alive on this rank: for
 ``fsdp`` its local shards, the units all-gathered at that moment, and what stays replicated (the NF4 weights); the
-maximum is the peak. It counts tensor storage, not RSS: the CPU allocator keeps freed pages, and the load (which still
-reads the whole model on every rank) would mask the training peak. Activations, the adapter and its optimizer state are
-the same in both modes and not counted. Prints one table and the ratio fsdp / none (the aim: ~1/world).
+maximum is the peak. It counts tensor storage, not RSS: the CPU allocator keeps freed pages, and the load would mask
+the training peak (benchmarks/fsdp_load_memory.py measures the load). Activations, the adapter and its optimizer state
+are the same in both modes and not counted. Prints one table and the ratio fsdp / none (the aim: ~1/world).
 """
 
 from __future__ import annotations

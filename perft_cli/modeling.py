@@ -108,8 +108,12 @@ def _raw_model_type(path: Path) -> str | None:
     return raw.get("model_type") if isinstance(raw, dict) else None
 
 
-def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, MoEFamily]:
-    """Load the frozen base as the recipe asks: dtype, nf4 (experts included), device map. Weights: safetensors."""
+def load_model(cfg: ModelConfig, shard: bool = False) -> tuple[PreTrainedModel, MoEFamily]:
+    """Load the frozen base as the recipe asks: dtype, nf4 (experts included), device map. Weights: safetensors.
+
+    ``shard`` (train.sharding: fsdp, an initialised process group of WORLD_SIZE ranks): a bf16 / fp32 base is loaded
+    by transformers' own FSDP2 loader, each rank reading only its shard of every weight, so no rank ever holds the
+    whole model; it comes back already sharded (training/sharding.py leaves it so). NF4 loads whole, as before."""
     _, family = load_config(cfg)
     dtype = DTYPES[cfg.dtype]
     from perft_cli.arch import OUTSIDE_INTERFACE
@@ -142,6 +146,10 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, MoEFamily]:
             kwargs["device_map"] = cfg.device_map
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
+        if shard:
+            from transformers.distributed.configuration_utils import DistributedConfig
+
+            kwargs["distributed_config"] = DistributedConfig(fsdp_size=int(os.environ.get("WORLD_SIZE", "1")))
         with _weight_load_errors(cfg, RuntimeError):
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
         if family.model_type not in OUTSIDE_INTERFACE:

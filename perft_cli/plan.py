@@ -131,6 +131,8 @@ def run_plan(recipe: Recipe, world_size: int | None = None) -> dict[str, Any]:
             )
         fsdp = fsdp_weight_bytes(model, recipe.model.quantization, world_size, recipe.model.double_quant)
     held = fsdp["sharded_bytes"] + fsdp["replicated_bytes"] + fsdp["gathered_bytes"] if fsdp else None
+    if fsdp and not nf4:  # transformers' FSDP2 loader reads each rank's shards only (modeling.load_model)
+        load_peak = fsdp["sharded_bytes"] + fsdp["replicated_bytes"]
     training = (held or weights["total_bytes"]) + optimizer + acts + dequant
     memory = {
         "weights_bytes": weights["total_bytes"],
@@ -143,8 +145,8 @@ def run_plan(recipe: Recipe, world_size: int | None = None) -> dict[str, Any]:
         "load_peak_bytes": load_peak,
         "peak_bytes": max(load_peak, training),
         "groups": weights.get("groups") or {k: v for k, v in weights.items() if isinstance(v, dict)},
-        # train.sharding: fsdp, per rank (None otherwise). Loading does not stream per rank yet: each rank reads the
-        # whole model before sharding it, so load_peak_bytes stays the whole model's.
+        # train.sharding: fsdp, per rank (None otherwise). A bf16 base loads per rank (its shards only); an nf4 base
+        # is read whole by every rank before sharding, so its load_peak_bytes stays the whole model's.
         "fsdp": fsdp,
         "assumes": {
             "quantization": recipe.model.quantization,
@@ -205,7 +207,7 @@ def print_plan(plan: dict[str, Any]) -> None:
         m.add_row("one expert projection dequantized (nf4)", human_bytes(mem["nf4_dequant_bytes"]))
     m.add_row("[bold]total (training)[/]", human_bytes(mem["total_bytes"]))
     if mem.get("load_peak_bytes", 0) > mem["total_bytes"]:
-        why = "every rank reads the whole model, then shards it" if fsdp else "one layer's experts in bf16"
+        why = "every rank reads the whole nf4 model, then shards it" if fsdp else "one layer's experts in bf16"
         m.add_row(f"[bold]peak while loading[/] ({why})", human_bytes(mem["load_peak_bytes"]))
     a = mem["assumes"]
     m.caption = (

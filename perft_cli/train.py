@@ -76,7 +76,7 @@ def run_train(recipe: Recipe, *, resume: str | None = None, dry_run: bool = Fals
         tokenizer = load_tokenizer(recipe.model)
         train_set, val_set, source = load_examples(recipe.data, tokenizer)
         schedule = schedule_length(recipe, len(train_set))  # too few examples for a batch: said before the model loads
-        model, family = load_model(recipe.model)
+        model, family = load_model(recipe.model, shard=recipe.train.sharding == "fsdp")
         attached = attach_adapter(model, recipe.adapter, family)
         check_quantized(model, recipe)
         run = setup_training(recipe, run_dir, accelerator, model, attached, tokenizer, train_set, val_set, schedule)

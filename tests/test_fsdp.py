@@ -221,13 +221,15 @@ def test_plan_estimates_per_rank_memory_under_fsdp(tmp_path):
         f = est["fsdp"]
         assert est["total_bytes"] == f["sharded_bytes"] + f["replicated_bytes"] + f["gathered_bytes"] + rest
     assert eight["total_bytes"] < two["total_bytes"] < none["total_bytes"]
-    assert two["load_peak_bytes"] == none["weights_bytes"]  # loading reads the whole model on every rank
+    # a bf16 base loads per rank (transformers' FSDP2 loader): its shards only
+    assert two["load_peak_bytes"] == two["fsdp"]["sharded_bytes"] + two["fsdp"]["replicated_bytes"]
 
     nf4 = _plan(tmp_path, "--set", "train.sharding=fsdp", "--set", "model.quantization=nf4", "--world-size", "8")
     groups = nf4["groups"]
     # NF4 weights (the routed experts and the attention projections) stay whole on every rank
     low, high = groups["routed_experts"]["bytes"], groups["routed_experts"]["bytes"] + groups["attention"]["bytes"]
     assert low + adapter < nf4["fsdp"]["replicated_bytes"] <= high + adapter
+    assert nf4["load_peak_bytes"] >= nf4["weights_bytes"]  # an nf4 base is read whole by every rank, then sharded
 
 
 def test_plan_needs_the_world_size_for_fsdp(tmp_path):
@@ -391,3 +393,39 @@ def test_lora_with_activation_checkpointing_and_experts_without_tokens(tmp_path,
     assert_every_rank_holds_the_saved_adapter(tmp_path / "dump", run)
     sharded_half(run)
     assert_close(one_process(tmp_path, model_dir, data, **sections), load_adapter_weights(latest_checkpoint(run)))
+
+
+_LOAD_PROBE = """
+import sys, torch.distributed as dist
+dist.init_process_group("gloo")
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from perft_cli.config import ModelConfig
+from perft_cli.modeling import load_model
+model, _ = load_model(ModelConfig(name_or_path=sys.argv[1], dtype="float32"), shard=True)
+params = list(model.named_parameters())
+def half(p):  # a dim-0 shard of 2: at most ceil(rows / 2) rows
+    return p.to_local().numel() * 2 <= p.numel() + p.shape[1:].numel()
+whole = [n for n, p in params if not (isinstance(p, DTensor) and half(p))]
+local = sum(p.to_local().numel() for _, p in params if isinstance(p, DTensor))
+print("PROBE", isinstance(model, FSDPModule), len(params), "|".join(whole) or "-", local, flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_an_fsdp_load_reads_only_each_ranks_shards(tmp_path, tiny_model_dir):
+    """A bf16 / fp32 base under train.sharding: fsdp comes from transformers' FSDP2 loader already sharded: every
+    weight on every rank is a DTensor holding at most its half (the LM head, kept whole by the model's own FSDP
+    plan, aside). benchmarks/fsdp_load_memory.py measures that the load's peak memory per rank halves too."""
+    script = tmp_path / "probe.py"
+    script.write_text(_LOAD_PROBE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    out = subprocess.run([*cmd, str(tiny_model_dir("olmoe"))], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("PROBE")]
+    assert len(rows) == 2
+    for fsdp_module, n_params, whole, _ in rows:
+        assert fsdp_module == "True" and int(n_params) > 0
+        assert whole in ("-", "lm_head.weight"), whole

@@ -87,14 +87,15 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     activation checkpointing enabled, before the first forward."""
     from bitsandbytes.nn import Params4bit
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    mesh = init_device_mesh(device.type, (world_size(),))
     keep = replicated_params(model)
-    for unit in shard_units(model):
-        # reshard_after_forward: each unit is gathered again for backward, so at most ~2 units are whole at a time.
-        fully_shard(unit, mesh=mesh, reshard_after_forward=True, ignored_params=keep)
-    fully_shard(model, mesh=mesh, ignored_params=keep)
+    if not isinstance(model, FSDPModule):  # a bf16 / fp32 base comes sharded from transformers' loader (modeling.py)
+        mesh = init_device_mesh(device.type, (world_size(),))
+        for unit in shard_units(model):
+            # reshard_after_forward: each unit is gathered again for backward, so at most ~2 units are whole at once.
+            fully_shard(unit, mesh=mesh, reshard_after_forward=True, ignored_params=keep)
+        fully_shard(model, mesh=mesh, ignored_params=keep)
     for p in keep:  # fully_shard moves what it manages to the mesh's device, never what it ignores
         # A Params4bit's QuantState would stay behind if only its packed data moved: the NF4 loader already put
         # both on this rank's current device (Accelerate set it before the load).
