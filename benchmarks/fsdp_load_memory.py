@@ -7,7 +7,7 @@ Saves a random OLMoE-shaped fp32 model (840 MiB by default) to a temporary direc
 ``torchrun --nproc_per_node WORLD`` (gloo, CPU) twice: every rank loads it with ``perft_cli.modeling.load_model``,
 whole (``none``: what DDP and one process do) or sharded (``fsdp``: transformers' FSDP2 loader, each rank reading
 its shard of every weight). A thread samples the process's anonymous memory (``RssAnon``: what the load allocates;
-the safetensors file's mapped pages are the page cache's, shared by the ranks) every 2 ms; the peak above the
+the safetensors file's mapped pages are the page cache's, shared by the ranks) every ~1 ms; the peak above the
 level before the load is printed per rank, with the ratio fsdp / none (the aim: ~1/world: no rank holds the whole
 model at any time).
 """
@@ -19,45 +19,26 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 MiB = 2**20
-
-
-def rss_anon() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def worker(model_dir: str, mode: str) -> None:
     """One rank: load, report ``mode rank peak_bytes model_bytes`` on stdout."""
     import torch.distributed as dist
+    from real_width_cpu import Peak  # the same RssAnon sampler as the real-width benchmark
 
     dist.init_process_group("gloo")
     from perft_cli.config import ModelConfig
     from perft_cli.modeling import load_model
 
-    peak, done = [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_anon())
-            time.sleep(0.002)
-
-    base = rss_anon()
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    model, _ = load_model(ModelConfig(name_or_path=model_dir, dtype="float32"), shard=mode == "fsdp")
-    done.set()
-    sampler.join()
-    peak[0] = max(peak[0], rss_anon())
+    with Peak() as peak:
+        model, _ = load_model(ModelConfig(name_or_path=model_dir, dtype="float32"), shard=mode == "fsdp")
     full = sum(p.numel() * p.element_size() for p in model.parameters())  # DTensors count their global size
-    print(f"RESULT {mode} {dist.get_rank()} {peak[0] - base} {full}", flush=True)
+    print(f"RESULT {mode} {dist.get_rank()} {peak.peak - peak.base} {full}", flush=True)
     dist.destroy_process_group()
 
 
