@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from perft_cli.perft.frozen_experts import make_dispatch
+
 DENSE_MAX_WIDTH = 64  # N * r up to which the dense masked path is used (see module docstring)
 FORMS = ("lora", "parallel")
 
@@ -151,15 +153,11 @@ class ExpertBank(nn.Module):
 
     def _grouped(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, dispatch=None) -> torch.Tensor:
         T, K = index.shape
-        if dispatch is not None and dispatch.offsets.numel() == self.num_experts:
-            # PERFT-E: the frozen experts just sorted these very pairs (stably, as argsort below): reuse their
-            # order and offsets, the same numbers without a second sort.
-            order, offs, token = dispatch.perm, dispatch.offsets, dispatch.token  # [T*K], [N], [T*K]
-        else:
-            flat = index.reshape(-1)  # [T*K] expert of each (token, slot) pair
-            order = flat.argsort(stable=True)  # [T*K] pairs sorted by expert
-            offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)  # [N]
-            token = order // K  # [T*K] the token of each sorted pair
+        if dispatch is None or dispatch.offsets.numel() != self.num_experts:
+            # The (token, slot) pairs sorted by expert, stably; PERFT-E is handed the frozen experts' own sort of
+            # these very pairs instead (the same sort, done once for both).
+            dispatch = make_dispatch(index, self.num_experts)
+        order, offs, token = dispatch.perm, dispatch.offsets, dispatch.token  # [T*K], [N], [T*K]
         xs = x.index_select(0, token)  # [T*K, D] token rows in expert order
         # Each pair's routing weight multiplies its r-wide bottleneck, not its D-wide output (same product, D/r
         # times less work); it comes after the nonlinearity of the parallel form, so both forms stay exact.

@@ -183,13 +183,12 @@ def frozen_experts_forward(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
     weight_of: Callable[[nn.Module, str], torch.Tensor] = plain_weight,
-    fallback: Callable = grouped_mm_experts_forward,
 ) -> torch.Tensor:
-    """transformers' experts call for frozen experts; the stock ``fallback`` where that does not hold."""
+    """transformers' experts call for frozen experts; the stock grouped_mm routine where that does not hold."""
     up_name = "gate_up_proj" if self.has_gate else "up_proj"
     frozen = not (getattr(self, up_name).requires_grad or self.down_proj.requires_grad)
     if not frozen or self._is_expert_parallel or self.has_post_expert_norm:
-        return fallback(self, hidden_states, top_k_index, top_k_weights)
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     d = make_dispatch(top_k_index, self.num_experts)
     sink = getattr(self, DISPATCH_SINK, None)
     if sink is not None:
