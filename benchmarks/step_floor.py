@@ -35,6 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu_suite import Stepper, accelerator, sync  # noqa: E402 - perft train's step, as the GPU suite times it
+
 from perft_cli.perft.frozen_experts import IMPLEMENTATION, select_frozen_experts  # noqa: E402
 from perft_cli.tiny import tiny_model  # noqa: E402
 
@@ -69,46 +71,7 @@ def build_model(args, device: torch.device):
 
 
 def set_path(model, path: str) -> None:
-    if path == "perft":
-        select_frozen_experts(model)
-    else:
-        select_frozen_experts(model, PATHS[path])
-
-
-def accelerator(device: torch.device):
-    from accelerate import Accelerator
-
-    cuda = device.type == "cuda"
-    return Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
-
-
-class Stepper:
-    """``perft train``'s optimizer step: forward_backward (LM + aux losses), clipping, AdamW."""
-
-    def __init__(self, model, attached, acc):
-        base_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
-        self.run = SimpleNamespace(
-            accelerator=acc,
-            model=model,
-            attached=attached,
-            base_coef=base_coef if attached.family.returns_aux_loss else None,
-            perft_coef=0.01 if attached.variant == "perft-r" else None,
-        )
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
-
-    def __call__(self, batch) -> None:
-        from perft_cli.training.step import forward_backward, label_count
-
-        forward_backward(self.run, batch, max(label_count(batch), 1))
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    select_frozen_experts(model, PATHS[path])
 
 
 def clock(device: torch.device) -> float:
@@ -163,19 +126,19 @@ def row_fn(name: str, model, batch, acc, device):
         adapter.update(num_experts=model.config.num_experts, top_k=model.config.num_experts_per_tok)
     attached = attach_adapter(model, AdapterConfig(**adapter), family_for(model.config.model_type))
     model.train()
-    stepper = Stepper(model, attached, acc)
+    stepper = Stepper(model, attached, SimpleNamespace(device=device))
 
     def cleanup():
         model.eval()
         detach_adapter(model, name)
         model.requires_grad_(False)
 
-    return (lambda: stepper(batch)), cleanup
+    return (lambda: stepper.step(batch)), cleanup
 
 
 def measure(args, device) -> dict:
     model, shape = build_model(args, device)
-    acc = accelerator(device)
+    acc = accelerator(SimpleNamespace(device=device))  # bf16 autocast on CUDA, none on the CPU
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)  # [B, S]
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
