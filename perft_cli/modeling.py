@@ -118,6 +118,11 @@ def load_model(cfg: ModelConfig, shard: bool = False) -> tuple[PreTrainedModel, 
     dtype = DTYPES[cfg.dtype]
     from perft_cli.arch import OUTSIDE_INTERFACE
 
+    if not torch.cuda.is_available():  # the model computes on the CPU: reuse freed pages step after step
+        from perft_cli.allocator import keep_freed_memory
+
+        keep_freed_memory()
+
     if cfg.quantization == "nf4":
         from perft_cli.quant import load_model_nf4
 
