@@ -14,6 +14,8 @@ autocast on CUDA, as ``perft train`` runs it):
 - PERFT-E / PERFT-R, against PERFT-R N8 K2 and against PERFT-R with PERFT-E's bank (N = E, K = k, r 8: equal
   activated adapter parameters; PERFT-E reuses the base experts' sort of the (token, expert) pairs).
 - ``--profile``: where a PERFT-R step's time goes (torch.profiler, top operators, matmuls vs the rest).
+- ``--experts-alone``: layer 0's experts call alone, stock vs perft, against the same grouped GEMMs timed alone and
+  as one dense GEMM: what an experts routine over these GEMMs could save at most, as a share of a PERFT-R step.
 - ``--layer-alone``: one PERFT-R layer alone at the paper's batch (16 x 256), N in 2..64: cost ratio N=64 / N=2
   against the activated-parameter ratio (method.md accounting).
 
@@ -24,6 +26,7 @@ hits both alike). Run it on a quiet machine with one thread; the ratios, not the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -53,8 +56,8 @@ ADAPTERS = {
 ROWS = ("frozen-forward", "floor", *ADAPTERS)
 
 
-def build_model(args, device: torch.device):
-    shape = dict(
+def build_shape(args) -> dict[str, int]:
+    return dict(
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
         num_hidden_layers=args.layers,
@@ -64,6 +67,10 @@ def build_model(args, device: torch.device):
         num_attention_heads=args.hidden // 64,
         num_key_value_heads=args.hidden // 64,
     )
+
+
+def build_model(args, device: torch.device):
+    shape = build_shape(args)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = tiny_model("olmoe", seed=0, dtype=dtype, **shape).to(device)
     model.requires_grad_(False)
@@ -74,26 +81,105 @@ def set_path(model, path: str) -> None:
     select_frozen_experts(model, PATHS[path])
 
 
+def arms(device: torch.device) -> dict[str, tuple[str, bool]]:
+    """The stacks the table compares: (experts path, perft's CPU allocator setting). On the CPU perft also keeps
+    freed memory for reuse (perft_cli/allocator.py), a process-wide malloc setting that cannot be undone in a
+    process, so each arm runs in its own worker; ``perft-experts`` (perft's experts path under glibc's default
+    malloc) splits the two effects. On CUDA perft leaves the host allocator alone: two arms."""
+    if device.type != "cpu":
+        return {"stock": ("grouped_mm", False), "perft": (IMPLEMENTATION, False)}
+    return {"stock": ("grouped_mm", False), "perft-experts": (IMPLEMENTATION, False), "perft": (IMPLEMENTATION, True)}
+
+
 def clock(device: torch.device) -> float:
     """Wall time on CUDA; on the CPU this process's CPU time, which other processes on a shared machine barely
     disturb (wall time there measured the neighbours: a 2-core machine with 4 busy processes doubled it)."""
     return time.perf_counter() if device.type == "cuda" else time.process_time()
 
 
-def interleaved(model, fn, device, repeats: int) -> dict[str, float]:
-    """Median seconds of ``fn`` under each experts path, the paths alternating call by call (one warm-up each)."""
-    times: dict[str, list[float]] = {p: [] for p in PATHS}
-    for r in range(repeats + 1):
-        for path in PATHS if r % 2 == 0 else reversed(PATHS):
-            set_path(model, path)
+def make_batch(args, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)  # [B, S]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _worker(conn, experts: str, keep_memory: bool, args) -> None:
+    """One arm: its own model (the same seed in every arm), timing one call at a time when the parent says."""
+    allocator = "glibc's default"
+    if keep_memory:
+        from perft_cli.allocator import keep_freed_memory
+
+        allocator = keep_freed_memory()  # "kept", or why not (the user's own malloc setting, not glibc)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model, _ = build_model(args, device)
+    select_frozen_experts(model, experts)
+    conn.send({"experts": model.config._experts_implementation, "allocator": allocator})
+    acc = accelerator(SimpleNamespace(device=device))
+    batch = make_batch(args, device)
+    fn = cleanup = None
+    while True:
+        cmd, name = conn.recv()
+        if cmd == "row":
+            fn, cleanup = row_fn(name, model, batch, acc, device)
+            conn.send(None)
+        elif cmd == "run":
             sync(device)
             t0 = clock(device)
             fn()
             sync(device)
+            conn.send(clock(device) - t0)
+        elif cmd == "end-row":
+            cleanup()
+            conn.send(None)
+        else:
+            conn.close()
+            return
+
+
+class Worker:
+    def __init__(self, ctx, arm: str, spec: tuple[str, bool], args):
+        self.arm = arm
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker, args=(child, *spec, args), daemon=True)
+        self.process.start()
+        child.close()
+        self.stack = self._recv()  # what the worker runs: its experts path and allocator setting
+
+    def _recv(self):
+        try:
+            return self.conn.recv()
+        except EOFError:
+            self.process.join(timeout=10)
+            raise RuntimeError(f"the {self.arm} worker died (exit code {self.process.exitcode})") from None
+
+    def call(self, cmd: str, name: str | None = None):
+        self.conn.send((cmd, name))
+        return self._recv()
+
+    def stop(self) -> None:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.conn.send(("stop", None))
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+def interleaved(workers: dict[str, Worker], name: str, repeats: int) -> dict[str, float]:
+    """Median seconds of one row's call in each arm, the arms taking turns call by call (one warm-up each) and in
+    reversed order every other round, so machine noise hits them alike."""
+    for w in workers.values():
+        w.call("row", name)
+    order = list(workers)
+    times: dict[str, list[float]] = {a: [] for a in order}
+    for r in range(repeats + 1):
+        for arm in order if r % 2 == 0 else order[::-1]:
+            t = workers[arm].call("run")
             if r:
-                times[path].append(clock(device) - t0)
-    set_path(model, "perft")
-    return {p: statistics.median(t) for p, t in times.items()}
+                times[arm].append(t)
+    for w in workers.values():
+        w.call("end-row")
+    return {a: statistics.median(t) for a, t in times.items()}
 
 
 def row_fn(name: str, model, batch, acc, device):
@@ -137,30 +223,46 @@ def row_fn(name: str, model, batch, acc, device):
 
 
 def measure(args, device) -> dict:
-    model, shape = build_model(args, device)
-    acc = accelerator(SimpleNamespace(device=device))  # bf16 autocast on CUDA, none on the CPU
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)  # [B, S]
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    workers = {arm: Worker(ctx, arm, spec, args) for arm, spec in arms(device).items()}
     rows = {}
-    for name in ROWS:
-        fn, cleanup = row_fn(name, model, batch, acc, device)
-        try:
-            rows[name] = interleaved(model, fn, device, args.repeats)
-        finally:
-            cleanup()
-        print(f"  {name:<15} stock {rows[name]['stock']:.3f} s   perft {rows[name]['perft']:.3f} s", flush=True)
-    result = {"shape": shape, "batch": [args.batch, args.seq], "device": str(device), "rows": rows}
-    for path in PATHS:
-        fwd, floor = rows["frozen-forward"][path], rows["floor"][path]
-        result[path] = {
-            name: {"over_forward": rows[name][path] / fwd, "over_floor": rows[name][path] / floor} for name in ROWS[1:]
+    try:
+        for name in ROWS:
+            rows[name] = interleaved(workers, name, args.repeats)
+            print(f"  {name:<15}" + "   ".join(f"{a} {t:.3f} s" for a, t in rows[name].items()), flush=True)
+    finally:
+        for w in workers.values():
+            w.stop()
+    shape = build_shape(args)
+    result = {"shape": shape, "batch": [args.batch, args.seq], "device": str(device), "arms": list(workers)}
+    result["stacks"] = {a: w.stack for a, w in workers.items()}
+    result["rows"] = rows
+    for arm in workers:
+        fwd, floor = rows["frozen-forward"][arm], rows["floor"][arm]
+        result[arm] = {
+            name: {"over_forward": rows[name][arm] / fwd, "over_floor": rows[name][arm] / floor} for name in ROWS[1:]
         }
     result["speedup"] = {name: rows[name]["stock"] / rows[name]["perft"] for name in ROWS}
-    result["perft_e_over_perft_r"] = {p: rows["perft-e"][p] / rows["perft-r"][p] for p in PATHS}
-    result["perft_e_over_perft_r_e_size"] = {p: rows["perft-e"][p] / rows["perft-r-e-size"][p] for p in PATHS}
-    if args.profile:
-        result["profile"] = profile_perft_r(model, batch, acc, device)
+    if "perft-experts" in workers:  # the experts path's share of it, under glibc's default malloc like stock
+        result["speedup_experts_path"] = {name: rows[name]["stock"] / rows[name]["perft-experts"] for name in ROWS}
+    result["perft_e_over_perft_r"] = {a: rows["perft-e"][a] / rows["perft-r"][a] for a in workers}
+    result["perft_e_over_perft_r_e_size"] = {a: rows["perft-e"][a] / rows["perft-r-e-size"][a] for a in workers}
+    if args.profile or args.experts_alone:  # in this process, under glibc's default malloc
+        model, _ = build_model(args, device)
+        acc = accelerator(SimpleNamespace(device=device))  # bf16 autocast on CUDA, none on the CPU
+        set_path(model, "perft")
+        if args.profile:
+            result["profile"] = profile_perft_r(model, make_batch(args, device), acc, device)
+        if args.experts_alone:
+            result["experts_alone"] = ea = experts_alone(model, args, device, args.experts_repeats)
+            # In a PERFT-R step every layer runs its experts forward and all but layer 0 their backward (nothing
+            # below layer 0's experts trains): the most any experts routine could save of the stock path's step.
+            stock = ea["bookkeeping_ms"]["stock"]
+            per_step = args.layers * stock["forward"] + (args.layers - 1) * stock["backward"]
+            ea["stock_bookkeeping_per_step_ms"] = per_step
+            ea["of_perft_r_step"] = per_step / (1e3 * rows["perft-r"]["stock"])
     return result
 
 
@@ -188,6 +290,96 @@ def profile_perft_r(model, batch, acc, device) -> dict:
     }
 
 
+def experts_alone(model, args, device, repeats: int) -> dict:
+    """Layer 0's experts call alone at the step's T = batch x seq tokens, routed by its own router: stock against
+    perft, forward (as layer 0 runs it in a step) and forward + backward (input and routing-weight gradients, as the
+    layers above it run it), with the four grouped GEMMs of the call timed alone on the same sorted rows. What a call
+    costs beyond its GEMMs is the bookkeeping an experts routine can remove; no routine over these GEMMs can save
+    more. The GEMMs are also timed as one dense GEMM of the same FLOPs (one expert's weights for every row): the rate
+    this BLAS reaches when the weights are not re-packed for every expert's few rows."""
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    from perft_cli.perft.frozen_experts import _project, _project_back, frozen_experts_forward, make_dispatch
+
+    block = model.model.layers[0].mlp
+    experts = block.experts
+    T, D = args.batch * args.seq, args.hidden
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(T, D, generator=g).to(device)  # [T, D]
+    with torch.no_grad():
+        _, top_w, top_i = block.gate(hidden)  # [T, k], [T, k]
+    fns = {"stock": grouped_mm_experts_forward, "perft": frozen_experts_forward}
+
+    def call(path: str, backward: bool):
+        x, w = hidden.detach().requires_grad_(backward), top_w.detach().requires_grad_(backward)
+        with torch.set_grad_enabled(backward):
+            y = fns[path](experts, x, top_i, w)  # [T, D]
+        if backward:
+            y.backward(torch.ones_like(y))
+
+    d = make_dispatch(top_i, experts.num_experts)
+    w_up = experts.gate_up_proj if experts.has_gate else experts.up_proj
+    rows = hidden.index_select(0, d.token)  # [S, D]
+    up = _project(rows, w_up, d.offsets, experts.is_transposed)  # [S, 2I]
+    act = up[:, : up.shape[-1] // 2].contiguous() if experts.has_gate else up  # [S, I]
+
+    out = _project(act, experts.down_proj, d.offsets, experts.is_transposed)  # [S, D]
+
+    def gemms_forward():
+        _project(rows, w_up, d.offsets, experts.is_transposed)
+        _project(act, experts.down_proj, d.offsets, experts.is_transposed)
+
+    def gemms_backward():
+        _project_back(out, experts.down_proj, d.offsets, experts.is_transposed)
+        _project_back(up, w_up, d.offsets, experts.is_transposed)
+
+    w0_up, w0_down = w_up[0], experts.down_proj[0]  # [2I, D] or [D, 2I]; [D, I] or [I, D]
+    t = (lambda w: w) if experts.is_transposed else (lambda w: w.transpose(0, 1))
+
+    def dense():
+        rows @ t(w0_up)
+        act @ t(w0_down)
+        out @ t(w0_down).transpose(0, 1)
+        up @ t(w0_up).transpose(0, 1)
+
+    cases = {
+        "stock forward": lambda: call("stock", False),
+        "perft forward": lambda: call("perft", False),
+        "stock forward+backward": lambda: call("stock", True),
+        "perft forward+backward": lambda: call("perft", True),
+        "grouped gemms forward": gemms_forward,
+        "grouped gemms backward": gemms_backward,
+        "dense gemm": dense,
+    }
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for r in range(repeats + 1):
+        for name in cases if r % 2 == 0 else reversed(cases):
+            sync(device)
+            t0 = clock(device)
+            cases[name]()
+            sync(device)
+            if r:
+                times[name].append(clock(device) - t0)
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    ms["grouped gemms"] = ms["grouped gemms forward"] + ms["grouped gemms backward"]
+    fwd_gemm, bwd_gemm = ms["grouped gemms forward"], ms["grouped gemms backward"]
+    book = {
+        p: {
+            "forward": ms[f"{p} forward"] - fwd_gemm,
+            "backward": ms[f"{p} forward+backward"] - ms[f"{p} forward"] - bwd_gemm,
+        }
+        for p in PATHS
+    }
+    return {
+        "tokens": T,
+        "pairs": int(d.perm.numel()),
+        "repeats": repeats,
+        "ms": ms,
+        "bookkeeping_ms": book,
+        "dense_over_grouped": ms["dense gemm"] / ms["grouped gemms"],
+    }
+
+
 def layer_alone_table(args, device) -> dict:
     from adapter_overhead import layer_alone
 
@@ -204,25 +396,46 @@ def layer_alone_table(args, device) -> dict:
 
 
 def report(result: dict) -> None:
+    arms_ = result["arms"]
+    split = "perft-experts" in arms_
     print(f"\nOLMoE-shaped {result['shape']}, batch {result['batch']}, {result['device']}")
-    print(f"{'row':<15}{'stock s':>9}{'perft s':>9}{'speed-up':>10}{'/fwd':>7}{'/floor':>8}{'stock /fwd':>12}")
+    print(
+        "arms: "
+        + "; ".join(f"{a}: experts {st['experts']}, malloc {st['allocator']}" for a, st in result["stacks"].items())
+    )
+    print(
+        f"{'row':<15}"
+        + "".join(f"{a + ' s':>16}" for a in arms_)
+        + f"{'speed-up':>10}"
+        + (f"{'experts path':>14}" if split else "")
+        + f"{'/fwd':>7}{'/floor':>8}{'stock /fwd':>12}"
+    )
     for name in ROWS:
         r = result["rows"][name]
         over = result["perft"].get(name, {})
         stock_over = result["stock"].get(name, {})
         print(
-            f"{name:<15}{r['stock']:>9.3f}{r['perft']:>9.3f}{result['speedup'][name]:>9.2f}x"
+            f"{name:<15}"
+            + "".join(f"{r[a]:>16.3f}" for a in arms_)
+            + f"{result['speedup'][name]:>9.2f}x"
+            + (f"{result['speedup_experts_path'][name]:>13.2f}x" if split else "")
             + (
                 f"{over['over_forward']:>7.2f}{over['over_floor']:>8.2f}{stock_over['over_forward']:>12.2f}"
                 if over
                 else ""
             )
         )
+    if split:
+        print(
+            "speed-up: stock / perft (perft's experts path and its CPU allocator setting); experts path: stock / "
+            "perft-experts (the experts path alone, glibc's default malloc in both)"
+        )
     e, same = result["perft_e_over_perft_r"], result["perft_e_over_perft_r_e_size"]
-    print(f"PERFT-E / PERFT-R (N8 K2) step: perft path {e['perft']:.3f}, stock path {e['stock']:.3f}")
+    print("PERFT-E / PERFT-R (N8 K2) step: " + ", ".join(f"{a} {v:.3f}" for a, v in e.items()))
     print(
-        f"PERFT-E / PERFT-R at PERFT-E's size (N=E, K=k, r8: equal activated adapter parameters): perft path "
-        f"{same['perft']:.3f}, stock path {same['stock']:.3f} (target <= 1.1)"
+        "PERFT-E / PERFT-R at PERFT-E's size (N=E, K=k, r8: equal activated adapter parameters): "
+        + ", ".join(f"{a} {v:.3f}" for a, v in same.items())
+        + " (target <= 1.1)"
     )
     slower = [n for n in ROWS[2:] if result["speedup"][n] < 1.0]
     print("every variant faster on the perft path:", "yes" if not slower else f"no ({', '.join(slower)})")
@@ -231,6 +444,27 @@ def report(result: dict) -> None:
         print(f"\nPERFT-R step profile (perft path): {p['total_ms']:.0f} ms, matmuls {p['matmul_share']:.0%}")
         for row in p["top"]:
             print(f"  {row['op']:<48}{row['ms']:>9.1f} ms {row['share']:>6.1%}")
+    if "experts_alone" in result:
+        ea, ms = result["experts_alone"], result["experts_alone"]["ms"]
+        print(
+            f"\nlayer 0's experts call alone, {ea['tokens']} tokens ({ea['pairs']} pairs), "
+            f"median of {ea['repeats']} (ms):"
+        )
+        for kind in ("forward", "forward+backward"):
+            s, p = ms[f"stock {kind}"], ms[f"perft {kind}"]
+            print(f"  {kind:<18} stock {s:8.1f}   perft {p:8.1f}   speed-up {s / p:.2f}x")
+        print(
+            f"  its four grouped GEMMs alone {ms['grouped gemms']:.1f} (forward {ms['grouped gemms forward']:.1f}, "
+            f"backward {ms['grouped gemms backward']:.1f}); as one dense GEMM of the same FLOPs "
+            f"{ms['dense gemm']:.1f} ({ea['dense_over_grouped']:.2f}x the time)"
+        )
+        for p, b in ea["bookkeeping_ms"].items():
+            print(f"  beyond the GEMMs, {p}: forward {b['forward']:.1f}, backward {b['backward']:.1f}")
+        print(
+            f"  all of the stock path's bookkeeping in a PERFT-R step: {ea['stock_bookkeeping_per_step_ms']:.0f} ms = "
+            f"{ea['of_perft_r_step']:.1%} of the step (the most any experts routine over these GEMMs could save; "
+            "measured in one process under glibc's default malloc)"
+        )
     if "layer_alone" in result:
         la = result["layer_alone"]
         print(f"\nPERFT-R layer alone, {la['tokens']} tokens x {la['hidden']}, K=2 r=8 (ms): {la['ms']}")
@@ -256,6 +490,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--profile", action="store_true", help="profile one PERFT-R step (perft path)")
     ap.add_argument("--layer-alone", action="store_true", help="PERFT-R layer alone at 16 x 256, N in 2..64")
     ap.add_argument("--layer-repeats", type=int, default=7)
+    ap.add_argument(
+        "--experts-alone", action="store_true", help="layer 0's experts call alone, stock vs perft, against its GEMMs"
+    )
+    ap.add_argument("--experts-repeats", type=int, default=21)
     ap.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
