@@ -105,15 +105,15 @@ def make_batch(args, device: torch.device) -> dict[str, torch.Tensor]:
 
 def _worker(conn, experts: str, keep_memory: bool, args) -> None:
     """One arm: its own model (the same seed in every arm), timing one call at a time when the parent says."""
-    allocator = "glibc's default"
-    if keep_memory:
-        from perft_cli.allocator import keep_freed_memory
-
-        allocator = keep_freed_memory()  # "kept", or why not (the user's own malloc setting, not glibc)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model, _ = build_model(args, device)
     select_frozen_experts(model, experts)
+    allocator = "glibc's default"
+    if keep_memory:  # once the model is built, as load_model does
+        from perft_cli.allocator import keep_freed_memory
+
+        allocator = keep_freed_memory()  # "kept", or why not (the user's own malloc setting, not glibc)
     conn.send({"experts": model.config._experts_implementation, "allocator": allocator})
     acc = accelerator(SimpleNamespace(device=device))
     batch = make_batch(args, device)

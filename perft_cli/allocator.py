@@ -4,14 +4,16 @@ glibc's malloc serves a block of more than 128 KiB to 32 MiB (its threshold move
 the OS on free, and trims the heap's free top as well. A training step on the CPU frees and re-allocates the same
 activations every step, so every step page-faults them back in, zero-filled by the kernel: 15-40k minor faults a
 step at the step_floor shape, 4-15% of the step in system time alone, and cold pages for every elementwise pass
-(benchmarks/step_floor.py measures the effect). With a fixed mmap threshold of 1 GiB and no trimming, the freed
-pages stay mapped and the next step reuses them: after the first step a step faults almost never.
+(benchmarks/step_floor.py measures the effect). With a fixed mmap threshold of 64 MiB and no trimming, the freed
+pages stay mapped and the next step reuses them: after the first steps a step faults almost never.
 
 The cost is that the process keeps the memory of its peak until it exits, which is what a training or evaluation
-process reaches every step anyway (PyTorch's CUDA caching allocator does the same on the GPU). Blocks over 1 GiB
-are still mmapped and returned. perft applies this only where the model computes on the CPU (no CUDA device), and
-leaves the allocator alone where the user has chosen one: ``PERFT_CPU_ALLOCATOR=glibc``, any ``MALLOC_*`` tuning
-variable or a malloc tunable in ``GLIBC_TUNABLES``, or a preloaded jemalloc / tcmalloc / mimalloc.
+process reaches every step anyway (PyTorch's CUDA caching allocator does the same on the GPU). Blocks over 64 MiB
+are still mmapped and returned, and perft sets this only once the model is loaded, so the big temporaries of a
+load (whole bf16 weights on their way to NF4, 117 MiB each at Mixtral's width) go back to the OS as before. perft
+applies this only where the model computes on the CPU (no CUDA device), and leaves the allocator alone where the
+user has chosen one: ``PERFT_CPU_ALLOCATOR=glibc``, any ``MALLOC_*`` tuning variable or a malloc tunable in
+``GLIBC_TUNABLES``, or a preloaded jemalloc / tcmalloc / mimalloc.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import platform
 
 ENV = "PERFT_CPU_ALLOCATOR"  # "glibc": leave glibc's malloc as it is
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-MMAP_THRESHOLD = 1 << 30  # blocks below this come from the heap and are reused; above, mmapped as before
+MMAP_THRESHOLD = 64 << 20  # blocks below this come from the heap and are reused; above, mmapped as before
 TRIM_THRESHOLD = 2**31 - 1  # the largest int: never trim the heap's free top
 _USER_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
@@ -47,7 +49,7 @@ def user_choice() -> str | None:
 
 
 def keep_freed_memory() -> str:
-    """Set glibc's malloc to keep freed blocks below 1 GiB for reuse (see the module docstring); once per process.
+    """Set glibc's malloc to keep freed blocks below 64 MiB for reuse (see the module docstring); once per process.
     Returns what was done: "kept", "left: <the user's choice>" or "left: not glibc"."""
     global _state
     if _state is not None:

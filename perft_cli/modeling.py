@@ -118,11 +118,6 @@ def load_model(cfg: ModelConfig, shard: bool = False) -> tuple[PreTrainedModel, 
     dtype = DTYPES[cfg.dtype]
     from perft_cli.arch import OUTSIDE_INTERFACE
 
-    if not torch.cuda.is_available():  # the model computes on the CPU: reuse freed pages step after step
-        from perft_cli.allocator import keep_freed_memory
-
-        keep_freed_memory()
-
     if cfg.quantization == "nf4":
         from perft_cli.quant import load_model_nf4
 
@@ -163,6 +158,12 @@ def load_model(cfg: ModelConfig, shard: bool = False) -> tuple[PreTrainedModel, 
             select_frozen_experts(model)  # the frozen base's experts: same numbers, input-gradient-only backward
     for p in model.parameters():
         p.requires_grad_(False)
+    if not torch.cuda.is_available():
+        # The model computes on the CPU: from here on freed blocks stay mapped for the next step. Not before: the
+        # load's temporaries (whole bf16 weights on their way to NF4) are best handed back to the OS.
+        from perft_cli.allocator import keep_freed_memory
+
+        keep_freed_memory()
     return model, family
 
 
