@@ -12,7 +12,8 @@ autocast on CUDA, as ``perft train`` runs it):
   forward, step / floor, and the stock / perft speed-up. A step is ``perft train``'s: LM loss + aux losses,
   backward, clipping, AdamW.
 - PERFT-E / PERFT-R, against PERFT-R N8 K2 and against PERFT-R with PERFT-E's bank (N = E, K = k, r 8: equal
-  activated adapter parameters; PERFT-E reuses the base experts' sort of the (token, expert) pairs).
+  activated adapter parameters; PERFT-E reuses the base experts' sort of the (token, expert) pairs), from the
+  table's rows and, against PERFT-R with its bank, once more from two workers taking turns call by call.
 - ``--profile``: where a PERFT-R step's time goes (torch.profiler, top operators, matmuls vs the rest).
 - ``--experts-alone``: layer 0's experts call alone, stock vs perft, against the same grouped GEMMs timed alone and
   as one dense GEMM: what an experts routine over these GEMMs could save at most, as a share of a PERFT-R step.
@@ -165,21 +166,27 @@ class Worker:
             self.process.kill()
 
 
-def interleaved(workers: dict[str, Worker], name: str, repeats: int) -> dict[str, float]:
-    """Median seconds of one row's call in each arm, the arms taking turns call by call (one warm-up each) and in
+def turns(workers: dict[str, Worker], repeats: int) -> dict[str, float]:
+    """Median seconds of each worker's loaded call, the workers taking turns call by call (one warm-up each) and in
     reversed order every other round, so machine noise hits them alike."""
+    order = list(workers)
+    times: dict[str, list[float]] = {k: [] for k in order}
+    for r in range(repeats + 1):
+        for k in order if r % 2 == 0 else order[::-1]:
+            t = workers[k].call("run")
+            if r:
+                times[k].append(t)
+    return {k: statistics.median(t) for k, t in times.items()}
+
+
+def interleaved(workers: dict[str, Worker], name: str, repeats: int) -> dict[str, float]:
+    """One row of the table: its call in every arm, taking turns."""
     for w in workers.values():
         w.call("row", name)
-    order = list(workers)
-    times: dict[str, list[float]] = {a: [] for a in order}
-    for r in range(repeats + 1):
-        for arm in order if r % 2 == 0 else order[::-1]:
-            t = workers[arm].call("run")
-            if r:
-                times[arm].append(t)
+    medians = turns(workers, repeats)
     for w in workers.values():
         w.call("end-row")
-    return {a: statistics.median(t) for a, t in times.items()}
+    return medians
 
 
 def row_fn(name: str, model, batch, acc, device):
@@ -249,6 +256,7 @@ def measure(args, device) -> dict:
         result["speedup_experts_path"] = {name: rows[name]["stock"] / rows[name]["perft-experts"] for name in ROWS}
     result["perft_e_over_perft_r"] = {a: rows["perft-e"][a] / rows["perft-r"][a] for a in workers}
     result["perft_e_over_perft_r_e_size"] = {a: rows["perft-e"][a] / rows["perft-r-e-size"][a] for a in workers}
+    result["perft_e_vs_r_interleaved"] = e_against_r(ctx, args, device)
     if args.profile or args.experts_alone:  # in this process, under glibc's default malloc
         model, _ = build_model(args, device)
         acc = accelerator(SimpleNamespace(device=device))  # bf16 autocast on CUDA, none on the CPU
@@ -264,6 +272,21 @@ def measure(args, device) -> dict:
             ea["stock_bookkeeping_per_step_ms"] = per_step
             ea["of_perft_r_step"] = per_step / (1e3 * rows["perft-r"]["stock"])
     return result
+
+
+def e_against_r(ctx, args, device) -> dict:
+    """PERFT-E against PERFT-R with PERFT-E's bank, each in its own perft-arm worker, the two taking turns call by
+    call: the table's rows run minutes apart, and this machine's speed drifts by more than the target's 10%."""
+    spec = arms(device)["perft"]
+    pair = {name: Worker(ctx, "perft", spec, args) for name in ("perft-e", "perft-r-e-size")}
+    try:
+        for name, w in pair.items():
+            w.call("row", name)
+        med = turns(pair, args.repeats)
+    finally:
+        for w in pair.values():
+            w.stop()
+    return {"seconds": med, "ratio": med["perft-e"] / med["perft-r-e-size"]}
 
 
 def profile_perft_r(model, batch, acc, device) -> dict:
@@ -436,6 +459,11 @@ def report(result: dict) -> None:
         "PERFT-E / PERFT-R at PERFT-E's size (N=E, K=k, r8: equal activated adapter parameters): "
         + ", ".join(f"{a} {v:.3f}" for a, v in same.items())
         + " (target <= 1.1)"
+    )
+    pair = result["perft_e_vs_r_interleaved"]
+    print(
+        f"PERFT-E / PERFT-R at PERFT-E's size, the two interleaved call by call (perft arm): {pair['ratio']:.3f} "
+        f"({pair['seconds']['perft-e']:.3f} s / {pair['seconds']['perft-r-e-size']:.3f} s; target <= 1.1)"
     )
     slower = [n for n in ROWS[2:] if result["speedup"][n] < 1.0]
     print("every variant faster on the perft path:", "yes" if not slower else f"no ({', '.join(slower)})")

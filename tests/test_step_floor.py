@@ -65,6 +65,8 @@ def test_every_row_is_timed_in_every_arm(result):
     for path in r["arms"]:
         fwd = r["rows"]["frozen-forward"][path]
         assert r[path]["perft-r"]["over_forward"] == pytest.approx(r["rows"]["perft-r"][path] / fwd)
+    pair = r["perft_e_vs_r_interleaved"]
+    assert pair["ratio"] == pytest.approx(pair["seconds"]["perft-e"] / pair["seconds"]["perft-r-e-size"])
     assert r["perft_e_over_perft_r_e_size"]["perft"] == pytest.approx(
         r["rows"]["perft-e"]["perft"] / r["rows"]["perft-r-e-size"]["perft"]
     )
