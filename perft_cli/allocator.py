@@ -3,7 +3,7 @@
 glibc's malloc serves a block of more than 128 KiB to 32 MiB (its threshold moves) with mmap and returns it to
 the OS on free, and trims the heap's free top as well. A training step on the CPU frees and re-allocates the same
 activations every step, so every step page-faults them back in, zero-filled by the kernel: 15-40k minor faults a
-step at the step_floor shape, 4-15% of the step in system time alone, and cold pages for every elementwise pass
+step at the step_floor shape, 3-13% of the step in system time alone, and cold pages for every elementwise pass
 (benchmarks/step_floor.py measures the effect). With a fixed mmap threshold of 64 MiB and no trimming, the freed
 pages stay mapped and the next step reuses them: after the first steps a step faults almost never.
 
