@@ -32,6 +32,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -98,6 +99,14 @@ def clock(device: torch.device) -> float:
     return time.perf_counter() if device.type == "cuda" else time.process_time()
 
 
+def time_once(fn: Callable[[], None], device: torch.device) -> float:
+    sync(device)
+    t0 = clock(device)
+    fn()
+    sync(device)
+    return clock(device) - t0
+
+
 def make_batch(args, device: torch.device) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)  # [B, S]
@@ -125,11 +134,7 @@ def _worker(conn, experts: str, keep_memory: bool, args) -> None:
             fn, cleanup = row_fn(name, model, batch, acc, device)
             conn.send(None)
         elif cmd == "run":
-            sync(device)
-            t0 = clock(device)
-            fn()
-            sync(device)
-            conn.send(clock(device) - t0)
+            conn.send(time_once(fn, device))
         elif cmd == "end-row":
             cleanup()
             conn.send(None)
@@ -166,17 +171,22 @@ class Worker:
             self.process.kill()
 
 
-def turns(workers: dict[str, Worker], repeats: int) -> dict[str, float]:
-    """Median seconds of each worker's loaded call, the workers taking turns call by call (one warm-up each) and in
-    reversed order every other round, so machine noise hits them alike."""
-    order = list(workers)
+def alternating(timed: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Median seconds of each timed call (it returns its own seconds), the calls taking turns (one warm-up each) and
+    in reversed order every other round, so machine noise hits them alike."""
+    order = list(timed)
     times: dict[str, list[float]] = {k: [] for k in order}
     for r in range(repeats + 1):
         for k in order if r % 2 == 0 else order[::-1]:
-            t = workers[k].call("run")
+            t = timed[k]()
             if r:
                 times[k].append(t)
     return {k: statistics.median(t) for k, t in times.items()}
+
+
+def turns(workers: dict[str, Worker], repeats: int) -> dict[str, float]:
+    """Median seconds of each worker's loaded call, the workers taking turns call by call."""
+    return alternating({k: (lambda w=w: w.call("run")) for k, w in workers.items()}, repeats)
 
 
 def interleaved(workers: dict[str, Worker], name: str, repeats: int) -> dict[str, float]:
@@ -374,16 +384,9 @@ def experts_alone(model, args, device, repeats: int) -> dict:
         "grouped gemms backward": gemms_backward,
         "dense gemm": dense,
     }
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    for r in range(repeats + 1):
-        for name in cases if r % 2 == 0 else reversed(cases):
-            sync(device)
-            t0 = clock(device)
-            cases[name]()
-            sync(device)
-            if r:
-                times[name].append(clock(device) - t0)
-    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+    timed = {k: (lambda fn=fn: time_once(fn, device)) for k, fn in cases.items()}
+    ms = {k: 1e3 * v for k, v in alternating(timed, repeats).items()}
     ms["grouped gemms"] = ms["grouped gemms forward"] + ms["grouped gemms backward"]
     fwd_gemm, bwd_gemm = ms["grouped gemms forward"], ms["grouped gemms backward"]
     book = {

@@ -48,17 +48,23 @@ def user_choice() -> str | None:
     return None
 
 
+def leave_reason() -> str | None:
+    """Why keep_freed_memory would leave the allocator as it is (the user's choice, or not glibc), or None."""
+    reason = user_choice()
+    if reason is None and (platform.system() != "Linux" or platform.libc_ver()[0] != "glibc"):
+        reason = "not glibc"
+    return reason
+
+
 def keep_freed_memory() -> str:
     """Set glibc's malloc to keep freed blocks below 64 MiB for reuse (see the module docstring); once per process.
     Returns what was done: "kept", "left: <the user's choice>" or "left: not glibc"."""
     global _state
     if _state is not None:
         return _state
-    reason = user_choice()
+    reason = leave_reason()
     if reason is not None:
         _state = f"left: {reason}"
-    elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        _state = "left: not glibc"
     else:
         libc = ctypes.CDLL("libc.so.6")
         ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)

@@ -7,7 +7,6 @@ and its report's arithmetic true, in a few seconds.
 from __future__ import annotations
 
 import importlib.util
-import platform
 import sys
 from pathlib import Path
 
@@ -21,11 +20,10 @@ BENCH = ROOT / "benchmarks"
 
 def _kept() -> str:
     """What perft's allocator setting does in a worker here: kept on glibc unless the user chose otherwise."""
-    from perft_cli.allocator import user_choice
+    from perft_cli.allocator import leave_reason
 
-    if user_choice() is not None:
-        return f"left: {user_choice()}"
-    return "kept" if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" else "left: not glibc"
+    reason = leave_reason()
+    return "kept" if reason is None else f"left: {reason}"
 
 
 @pytest.fixture(scope="module")
